@@ -1,0 +1,90 @@
+"""An exponential moving average of one submodule (the trained network only, never frozen teachers or critics).
+
+Lightning's `EMAWeightAveraging` copies the whole LightningModule (teacher and critics included) and is not
+shard-aware; this keeps a float32 shadow of just `target`, swaps it in for validation and sampling, and stores it
+in the checkpoint so runs resume exactly.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+
+
+class EMA(L.Callback):
+    """EMA of `pl_module.<target>`'s parameters with `decay`, updated every optimizer step after `start_step`."""
+
+    def __init__(self, decay: float = 0.999, target: str = "transformer", start_step: int = 0,
+                 use_for_validation: bool = True) -> None:
+        self.decay, self.target, self.start_step = decay, target, start_step
+        self.use_for_validation = use_for_validation
+        self.shadow: dict[str, torch.Tensor] = {}
+        self._backup: dict[str, torch.Tensor] = {}
+
+    def _params(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
+        module = pl_module.get_submodule(self.target)
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = self._params(pl_module)
+        if not self.shadow:
+            self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+        self.shadow = {n: s.to(params[n].device) for n, s in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        params = self._params(pl_module)
+        if step <= self.start_step:
+            for n, p in params.items():
+                self.shadow[n].copy_(p.detach())
+            return
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: short runs still average sensibly
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - decay)
+
+    @contextmanager
+    def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Temporarily loads the EMA weights into the target module."""
+        params = self._params(pl_module)
+        if not self.shadow:
+            yield
+            return
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.use_for_validation and self.shadow and not trainer.sanity_checking:
+            params = self._params(pl_module)
+            self._backup = {n: p.detach().clone() for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.shadow[n])
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._backup:
+            with torch.no_grad():
+                for n, p in self._params(pl_module).items():
+                    p.copy_(self._backup[n])
+            self._backup = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "target": self.target, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shadow = dict(state_dict["shadow"])
+
+
+def find_ema(trainer: L.Trainer) -> EMA | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)

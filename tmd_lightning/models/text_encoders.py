@@ -1,0 +1,96 @@
+"""Frozen text encoders with their tokenizers, loaded from local folders (DESIGN.md §6, §7).
+
+Real scale: UMT5 (`text_encoder/` + `tokenizer/` of a Wan2.1 diffusers folder). Toy: a tiny random T5 encoder
+with a word-level tokenizer, shipped in the package, so nothing is downloaded. Both return embeddings of a fixed
+length with every position past a caption's real length set to zero — Wan's cross-attention has no mask, and this
+is what the diffusers Wan pipeline feeds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TOY_VOCAB = ["<pad>", "</s>", "<unk>", "a", "an", "the", "moving", "red", "green", "blue", "yellow", "square",
+             "circle", "triangle", "left", "right", "up", "down"]
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + frozen encoder -> (B, max_length, D) embeddings, zero past each caption's length.
+
+    Embeddings of recently seen captions are cached (the toy world has 48 captions; real runs use precomputed
+    caches instead).
+    """
+
+    def __init__(self, tokenizer, encoder: nn.Module, max_length: int = 512, cache_size: int = 4096) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.cache_size = cache_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.d_model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int = 512, model_class: str = "UMT5EncoderModel",
+                        dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """Loads `tokenizer/` and `text_encoder/` from a diffusers-style folder (no download)."""
+        import transformers
+
+        path = Path(path)
+        if not (path / "text_encoder").is_dir():
+            raise FileNotFoundError(f"{path}: no text_encoder/ folder (expected a diffusers-style model folder)")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        encoder = getattr(transformers, model_class).from_pretrained(
+            str(path / "text_encoder"), torch_dtype=dtype, local_files_only=True)
+        return cls(tokenizer, encoder, max_length)
+
+    @torch.no_grad()
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        device = next(self.encoder.parameters()).device
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        return hidden * mask.unsqueeze(-1)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        todo = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if todo:
+            for caption, emb in zip(todo, self._encode(todo), strict=True):
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[caption] = emb
+        device = next(self.encoder.parameters()).device
+        return torch.stack([self._cache[c].to(device) for c in captions])
+
+    def _apply(self, fn, recurse: bool = True):  # moving the module invalidates cached tensors' device
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+
+def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Writes the toy text encoder (random frozen T5 + word-level tokenizer) in the diffusers folder layout."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    path = Path(path)
+    vocab = {w: i for i, w in enumerate(TOY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path / "tokenizer"))
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model,
+                      num_layers=num_layers, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5EncoderModel(config).save_pretrained(str(path / "text_encoder"))
+    return path

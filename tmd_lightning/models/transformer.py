@@ -1,0 +1,36 @@
+"""Building and loading the Wan teacher (`diffusers.WanTransformer3DModel`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+
+PACKAGE_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TOY_MODEL_DIR = PACKAGE_ASSETS / "toy_wan"
+
+
+def load_transformer(
+    pretrained: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    subfolder: str | None = "transformer",
+    dtype: torch.dtype | str = torch.float32,
+) -> WanTransformer3DModel:
+    """A Wan transformer from a local diffusers folder (`pretrained`) or, for training from scratch, a config."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if pretrained is not None:
+        path = Path(pretrained)
+        if path.exists():
+            folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
+            return WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        return WanTransformer3DModel.from_pretrained(str(pretrained), subfolder=subfolder, torch_dtype=dtype)
+    if config is None:
+        raise ValueError("give model.pretrained (a diffusers folder) or a transformer config")
+    if not isinstance(config, dict):  # a Hydra DictConfig: plain containers, so save_pretrained can write JSON
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(config, resolve=True)
+    return WanTransformer3DModel(**config).to(dtype)

@@ -1,0 +1,87 @@
+"""Time grids, effective NFE and samplers (DESIGN.md §2).
+
+Convention: rectified flow with t = 1 as noise, `x_t = (1 - t) x + t eps`, velocity `v = eps - x`; Wan is called
+with timestep `1000 t`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of shape (B,)) -> v
+
+
+def shift(u: torch.Tensor | float, gamma: float) -> torch.Tensor | float:
+    """Time shift `gamma u / ((gamma - 1) u + 1)`; gamma >= 1 pushes mass toward noise (t = 1)."""
+    return gamma * u / ((gamma - 1) * u + 1)
+
+
+def time_grid(steps: int, gamma: float = 1.0, t_max: float = 1.0) -> torch.Tensor:
+    """`steps + 1` increasing times `shift(k / steps, gamma)`, k = 0..steps, with the last replaced by `t_max`.
+
+    Student grids use gamma = 10 and t_max = 0.999 (Wan's pretraining never saw t = 1); the teacher's Euler
+    sampler starts from pure noise, t_max = 1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = shift(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), gamma)
+    grid[-1] = t_max
+    return grid
+
+
+def effective_nfe(M: int, N: int = 1, H: int = 0, L: int = 1, cfg: bool = False) -> float:
+    """DiT blocks executed per video / L: `M (1 + (N - 1) H / L)`; doubled for classifier-free guidance."""
+    nfe = M * (1 + (N - 1) * H / L)
+    return 2 * nfe if cfg else nfe
+
+
+def cfg_velocity(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 cond: torch.Tensor, neg: torch.Tensor | None, scale: float) -> VelocityFn:
+    """Velocity with classifier-free guidance `v_neg + w (v_cond - v_neg)`, the pair run as one batched call."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if neg is None or scale == 1.0:
+            return model_fn(x, t, cond)
+        v = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, neg]))
+        v_cond, v_neg = v.chunk(2)
+        return v_neg + scale * (v_cond - v_neg)
+
+    return velocity
+
+
+@torch.no_grad()
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Euler integration of dx/dt = v from t = grid[-1] down to grid[0] = 0."""
+    x = noise
+    for i in range(len(grid) - 1, 0, -1):
+        t, t_prev = float(grid[i]), float(grid[i - 1])
+        v = velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
+        x = x - (t - t_prev) * v.to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def unipc_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int, gamma: float) -> torch.Tensor:
+    """diffusers' UniPC multistep solver in flow-prediction mode (Wan's default pipeline solver)."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=gamma, num_train_timesteps=1000)
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise
+    for timestep in scheduler.timesteps:
+        t = torch.full((x.shape[0],), float(timestep) / 1000.0, device=x.device, dtype=torch.float32)
+        x = scheduler.step(velocity(x, t), timestep, x, return_dict=False)[0]
+    return x
+
+
+def teacher_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, gamma: float = 3.0,
+                   solver: str = "euler") -> torch.Tensor:
+    """The teacher's sampler: `steps` solver steps on a shifted grid from t = 1 to 0."""
+    if solver == "euler":
+        return euler_sample(velocity, noise, time_grid(steps, gamma, t_max=1.0).to(noise.device))
+    if solver == "unipc":
+        return unipc_sample(velocity, noise, steps, gamma)
+    raise ValueError(f"unknown solver {solver!r}; use 'euler' or 'unipc'")

@@ -1,0 +1,71 @@
+"""What every stage shares: frozen codec and text encoder (kept out of checkpoints), batch encoding, `generate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+FROZEN_PREFIXES = ("codec.", "text_encoder.")
+
+
+class VideoStage(L.LightningModule):
+    """Base LightningModule: holds the frozen codec + text encoder and turns batches into latents and embeddings.
+
+    The frozen encoders are submodules (so Lightning moves them to the device) but are stripped from every
+    checkpoint: they load from their own folders, and UMT5-XXL alone is 11B parameters.
+    """
+
+    def __init__(self, codec: nn.Module, text_encoder: nn.Module, negative_prompt: str = "") -> None:
+        super().__init__()
+        self.codec = codec.requires_grad_(False)
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.negative_prompt = negative_prompt
+        self.strict_loading = False
+
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 videos and captions -> (latents (B, C, T, h, w), text embeddings (B, L, D)); no gradients."""
+        with torch.no_grad():
+            latents = batch["latents"] if "latents" in batch else self.codec.encode(batch["video"])
+            text = batch["text"] if "text" in batch else self.text_encoder(batch["caption"])
+        return latents.float(), text.float()
+
+    def negative_embedding(self, batch_size: int) -> torch.Tensor:
+        """The negative-prompt embedding (empty caption for the toy, Wan's negative prompt at scale), repeated."""
+        return self.text_encoder([self.negative_prompt]).expand(batch_size, -1, -1).float()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+
+    def train(self, mode: bool = True):  # frozen encoders stay in eval mode
+        super().train(mode)
+        self.codec.eval()
+        self.text_encoder.eval()
+        return self
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return self.codec.latent_shape(num_frames, height, width)
+
+    def initial_noise(self, seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        """One noise tensor per seed, reproducible regardless of batch composition or device."""
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    def generate(self, captions: list[str], seeds: list[int], num_frames: int, height: int, width: int,
+                 **sampler: Any) -> torch.Tensor:
+        """uint8 videos (B, F, H, W, 3) for (caption, seed) pairs; each stage supplies `sample_latents`."""
+        noise = self.initial_noise(seeds, self.latent_shape(num_frames, height, width))
+        with torch.no_grad():
+            text = self.text_encoder(captions)
+            latents = self.sample_latents(noise, text, **sampler)
+            return self.codec.decode(latents)
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, **sampler: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampler_nfe(self, **sampler: Any) -> float:
+        raise NotImplementedError

@@ -1,0 +1,98 @@
+"""Stage 0: train a Wan teacher with rectified flow matching (the toy teacher is made this way)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from tmd_lightning.losses import flow_matching_loss
+from tmd_lightning.sampling import cfg_velocity, effective_nfe, shift, teacher_sample
+from tmd_lightning.stages.base import VideoStage
+
+
+class TeacherStage(VideoStage):
+    """Flow matching for a `WanTransformer3DModel`.
+
+    Args:
+        transformer: the Wan model to train.
+        cond_dropout: probability of replacing a caption by the negative prompt (enables CFG at sampling).
+        t_shift: time shift gamma applied to U(t_min, t_max) training times; > 1 favours high noise, where the
+            layout and motion of a video are decided.
+        sampler: defaults for `generate` (steps, cfg, gamma, solver).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        codec: nn.Module,
+        text_encoder: nn.Module,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        negative_prompt: str = "",
+        cond_dropout: float = 0.1,
+        t_shift: float = 3.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        sampler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(codec, text_encoder, negative_prompt)
+        self.save_hyperparameters(ignore=["transformer", "codec", "text_encoder"], logger=False)
+        self.transformer = transformer
+        self.sampler_defaults = dict(steps=50, cfg=5.0, gamma=3.0, solver="euler") | dict(sampler or {})
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Teacher velocity `v(x_t, t, c)`; Wan is called with timestep 1000 t."""
+        return self.transformer(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, text = self.encode_batch(batch)
+        b = x.shape[0]
+        h = self.hparams
+        drop = torch.rand(b, device=self.device) < h.cond_dropout
+        text = torch.where(drop[:, None, None], self.negative_embedding(b), text)
+        u = torch.rand(b, device=self.device) * (h.t_max - h.t_min) + h.t_min
+        t = shift(u, h.t_shift)
+        noise = torch.randn_like(x)
+        tb = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - tb) * x + tb * noise
+        loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Flow-matching loss at fixed t values (seeded), so validation curves are comparable across steps."""
+        x, text = self.encode_batch(batch)
+        g = torch.Generator(device="cpu").manual_seed(batch_idx)
+        losses = []
+        for t_val in (0.25, 0.5, 0.75, 0.95):
+            noise = torch.randn(x.shape, generator=g).to(x)
+            t = torch.full((x.shape[0],), t_val, device=self.device)
+            x_t = (1 - t_val) * x + t_val * noise
+            loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
+            self.log(f"val/loss_t{t_val}", loss)
+            losses.append(loss)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True)
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, **sampler: Any) -> torch.Tensor:
+        opts = self.sampler_defaults | sampler
+        neg = self.negative_embedding(noise.shape[0]) if opts["cfg"] != 1.0 else None
+        velocity = cfg_velocity(self.velocity, text, neg, opts["cfg"])
+        return teacher_sample(velocity, noise, opts["steps"], opts["gamma"], opts["solver"])
+
+    def sampler_nfe(self, **sampler: Any) -> float:
+        opts = self.sampler_defaults | sampler
+        return effective_nfe(opts["steps"], cfg=opts["cfg"] != 1.0)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.hparams.optimizer(params=[p for p in self.transformer.parameters() if p.requires_grad])
+        if self.hparams.scheduler is None:
+            return {"optimizer": optimizer}
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export_pretrained(self, path: str) -> None:
+        """Saves the transformer as a diffusers folder (`from_pretrained` loads it)."""
+        self.transformer.save_pretrained(path)
