@@ -6,7 +6,7 @@ with timestep `1000 t`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

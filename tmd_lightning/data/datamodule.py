@@ -75,7 +75,8 @@ class VideoTextDataModule(L.LightningDataModule):
     def _dataset(self, manifest: Path, train: bool) -> VideoTextDataset:
         entries = read_manifest(manifest)
         missing = [SkipRecord(str(e.path), "file not found") for e in entries if not e.path.is_file()]
-        empty = [SkipRecord(str(e.path), "empty caption") for e in entries if not e.caption.strip()]
+        empty = [SkipRecord(str(e.path), "empty caption") for e in entries
+                 if e.path.is_file() and not e.caption.strip()]  # a missing file is counted once, above
         bad = missing + empty
         if bad:
             log.warning("%s: %d of %d entries unusable (%d missing, %d empty captions)", manifest, len(bad),
@@ -84,8 +85,8 @@ class VideoTextDataModule(L.LightningDataModule):
                 names = "\n  ".join(f"{r.path}: {r.reason}" for r in bad[:50])
                 raise ManifestError(f"{manifest}: {len(bad)} of {len(entries)} entries unusable "
                                     f"(more than data.max_skip_fraction={self.hparams.max_skip_fraction}):\n  {names}")
-            bad_paths = {r.path for r in bad}
-            entries = [e for e in entries if str(e.path) not in bad_paths]
+            # filter rows, not paths: another row may use the same video with a usable caption
+            entries = [e for e in entries if e.path.is_file() and e.caption.strip()]
             self.skips.skipped.extend(bad)
             self.skips.seen += len(bad)
         h = self.hparams

@@ -70,6 +70,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
             value = row.get(key)
             if value not in (None, ""):
                 try:
+                    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                        raise ValueError(value)  # JSON 9.5 / true would otherwise pass int() silently
                     extras[key] = int(value)
                 except (TypeError, ValueError) as exc:
                     raise ManifestError(f"{path}: row {i}: {key}={value!r} is not an integer") from exc

@@ -61,14 +61,19 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> torch.Tensor:
-        todo = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        # look up this batch's captions before inserting: eviction must not drop an entry the batch still needs
+        found = {c: self._cache[c] for c in dict.fromkeys(captions) if c in self._cache}
+        todo = [c for c in dict.fromkeys(captions) if c not in found]
         if todo:
             for caption, emb in zip(todo, self._encode(todo), strict=True):
+                found[caption] = emb
+                if self.cache_size <= 0:
+                    continue
                 if len(self._cache) >= self.cache_size:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[caption] = emb
         device = next(self.encoder.parameters()).device
-        return torch.stack([self._cache[c].to(device) for c in captions])
+        return torch.stack([found[c].to(device) for c in captions])
 
     def _apply(self, fn, recurse: bool = True):  # moving the module invalidates cached tensors' device
         self._cache.clear()

@@ -1,0 +1,191 @@
+"""Time grids, effective NFE and samplers (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tmd_lightning.sampling import cfg_velocity, effective_nfe, euler_sample, shift, teacher_sample, time_grid
+
+
+def _delta_field(x0: torch.Tensor):
+    """Exact rectified-flow velocity for data at x0: x_t = (1 - t) x0 + t eps, v = eps - x0 = (x_t - x0) / t."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x - x0) / t.view(-1, *([1] * (x.dim() - 1)))
+
+    return velocity
+
+
+def _pair(shape=(2, 3, 2, 4, 4)):
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    return x0, noise
+
+
+# ------------------------------------------------------------------------------------------------------ shift
+
+
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 5.0, 10.0])
+def test_shift_formula_and_fixed_points(gamma):
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    expect = gamma * u / ((gamma - 1) * u + 1)
+    torch.testing.assert_close(shift(u, gamma), expect)
+    assert float(shift(0.0, gamma)) == 0.0
+    assert float(shift(1.0, gamma)) == pytest.approx(1.0, abs=1e-15)
+    s = shift(u, gamma)
+    assert (s[1:] > s[:-1]).all()  # strictly increasing
+    if gamma > 1:
+        assert (s[1:-1] > u[1:-1]).all()  # pushed toward noise (t = 1)
+    else:
+        torch.testing.assert_close(s, u)
+
+
+def test_shift_known_values():
+    assert shift(0.5, 3.0) == pytest.approx(0.75)
+    assert shift(0.5, 10.0) == pytest.approx(10 / 11)
+    assert shift(0.25, 3.0) == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------------------- time_grid
+
+
+@pytest.mark.parametrize("steps,gamma,t_max", [(1, 1.0, 1.0), (4, 10.0, 0.999), (50, 3.0, 1.0), (2, 10.0, 0.999)])
+def test_time_grid_properties(steps, gamma, t_max):
+    g = time_grid(steps, gamma, t_max)
+    assert g.shape == (steps + 1,)
+    assert g[0] == 0.0
+    assert g[-1] == pytest.approx(t_max, abs=1e-12)
+    assert (g[1:] > g[:-1]).all()
+
+
+def test_time_grid_gamma10_matches_shift_of_uniform():
+    K = 4
+    g = time_grid(K, 10.0, t_max=0.999)
+    for k in range(K):
+        assert float(g[k]) == pytest.approx(10 * (k / K) / (9 * (k / K) + 1), abs=1e-12)
+    assert float(g[K]) == pytest.approx(0.999, abs=1e-12)
+
+
+def test_time_grid_rejects_zero_steps():
+    with pytest.raises(ValueError):
+        time_grid(0)
+
+
+# ---------------------------------------------------------------------------------------------- effective NFE
+
+
+def test_effective_nfe_matches_tmd_paper():
+    assert effective_nfe(M=1, N=2, H=5, L=30) == pytest.approx(7 / 6)
+    assert round(effective_nfe(M=1, N=2, H=5, L=30), 2) == 1.17
+    assert effective_nfe(M=2, N=2, H=5, L=30) == pytest.approx(7 / 3)
+    assert effective_nfe(M=1, N=4, H=5, L=40) == pytest.approx(1.375)
+    assert effective_nfe(M=2, N=4, H=5, L=40) == pytest.approx(2.75)
+    assert effective_nfe(50, cfg=True) == 100
+    assert effective_nfe(50) == 50
+    assert effective_nfe(M=4, N=1, H=5, L=30) == 4  # N = 1: the head runs once, no extra blocks
+
+
+# ----------------------------------------------------------------------------------------------------- Euler
+
+
+@pytest.mark.parametrize("steps,gamma", [(1, 1.0), (3, 3.0), (10, 10.0)])
+def test_euler_on_delta_field_lands_on_data_and_follows_the_path(steps, gamma):
+    x0, noise = _pair()
+    field = _delta_field(x0)
+    seen = []
+
+    def velocity(x, t):
+        assert t.shape == (x.shape[0],) and t.dtype == torch.float32
+        seen.append((x.clone(), float(t[0])))
+        return field(x, t)
+
+    out = euler_sample(velocity, noise, time_grid(steps, gamma, 1.0))
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+    assert len(seen) == steps  # t = 0 is never evaluated
+    times = [t for _, t in seen]
+    assert times[0] == 1.0 and times == sorted(times, reverse=True)
+    # for this field Euler is exact: every visited state lies on the straight path (1 - t) x0 + t noise
+    for x, t in seen:
+        torch.testing.assert_close(x, (1 - t) * x0 + t * noise, atol=1e-5, rtol=0)
+
+
+def test_euler_constant_velocity():
+    noise = torch.zeros(1, 2, 3)
+    c = torch.tensor([1.0, -2.0, 0.5])
+    out = euler_sample(lambda x, t: c.expand_as(x), noise, time_grid(7, 3.0, t_max=0.8))
+    torch.testing.assert_close(out, -0.8 * c.expand_as(noise))
+
+
+# -------------------------------------------------------------------------------------------------------- CFG
+
+
+def test_cfg_velocity_is_one_batched_call_and_matches_separate_calls():
+    g = torch.Generator().manual_seed(2)
+    w_x, w_c = torch.randn(3, 3, generator=g), torch.randn(5, 3, generator=g)
+
+    def model(x, t, c):  # a nonlinear toy "model" of x, t and the text
+        return torch.tanh(x @ w_x + t.view(-1, 1) + c.mean(1) @ w_c)
+
+    calls = []
+
+    def counted(x, t, c):
+        calls.append(x.shape[0])
+        return model(x, t, c)
+
+    x = torch.randn(4, 3, generator=g)
+    t = torch.rand(4, generator=g)
+    cond, neg = torch.randn(4, 7, 5, generator=g), torch.randn(4, 7, 5, generator=g)
+    scale = 4.5
+    v = cfg_velocity(counted, cond, neg, scale)(x, t)
+    assert calls == [8]  # one call on the doubled batch
+    v_cond, v_neg = model(x, t, cond), model(x, t, neg)
+    torch.testing.assert_close(v, v_neg + scale * (v_cond - v_neg), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(v, v_cond, atol=1e-3)
+
+    calls.clear()  # scale 1 or no negative: a single conditional call on the plain batch
+    torch.testing.assert_close(cfg_velocity(counted, cond, neg, 1.0)(x, t), v_cond)
+    torch.testing.assert_close(cfg_velocity(counted, cond, None, 5.0)(x, t), v_cond)
+    assert calls == [4, 4]
+
+
+# ------------------------------------------------------------------------------------------------------ UniPC
+
+
+@pytest.mark.parametrize("steps,gamma", [(5, 3.0), (20, 1.0)])
+def test_unipc_on_delta_field_lands_near_data(steps, gamma):
+    x0, noise = _pair()
+    calls = []
+
+    def velocity(x, t):
+        calls.append(float(t[0]))
+        return _delta_field(x0)(x, t)
+
+    out = teacher_sample(velocity, noise, steps=steps, gamma=gamma, solver="unipc")
+    # not exact: diffusers rounds timesteps to integers (t = floor(1000 sigma) / 1000), as Wan's own pipeline does
+    assert (out - x0).abs().max() < 0.02
+    assert (noise - x0).abs().max() > 1.0  # the tolerance is far below the distance it had to travel
+    assert len(calls) == steps
+    assert calls == sorted(calls, reverse=True) and 0.99 <= calls[0] <= 1.0
+
+
+def test_teacher_sample_euler_uses_shifted_grid():
+    x0, noise = _pair()
+    times = []
+
+    def velocity(x, t):
+        times.append(float(t[0]))
+        return _delta_field(x0)(x, t)
+
+    out = teacher_sample(velocity, noise, steps=4, gamma=3.0, solver="euler")
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+    expect = [3 * u / (2 * u + 1) for u in (1.0, 0.75, 0.5, 0.25)]
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(times, expect, strict=True))
+
+
+def test_teacher_sample_unknown_solver_raises():
+    x0, noise = _pair()
+    with pytest.raises(ValueError, match="unknown solver"):
+        teacher_sample(_delta_field(x0), noise, steps=2, solver="dpm++")
