@@ -29,9 +29,10 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def _link_latest(output_dir: Path) -> Path:
-    """`<stage folder>/latest` -> this run's folder (relative symlink, replaced atomically)."""
-    latest = output_dir.parent.parent / "latest"
+def _link_latest(output_dir: Path, stage_dir: Path) -> Path:
+    """`logs/<task_name>/latest` -> this run's folder (relative symlink, replaced atomically)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    latest = stage_dir / "latest"
     tmp = latest.with_name(".latest.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -56,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        latest = _link_latest(output_dir)
+        latest = _link_latest(output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
         print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}")
         if ckpt:
@@ -64,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for name in ("export_dir",):
             if cfg.paths.get(name):
                 print(f"export:       {cfg.paths[name]}")
-        print(f"tensorboard:  tensorboard --logdir {output_dir.parent.parent.parent}")
+        print(f"tensorboard:  tensorboard --logdir {cfg.paths.log_dir}")
         result["checkpoint"] = ckpt
     return result
 

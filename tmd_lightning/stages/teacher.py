@@ -59,7 +59,7 @@ class TeacherStage(VideoStage):
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x + tb * noise
         loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -72,9 +72,9 @@ class TeacherStage(VideoStage):
             t = torch.full((x.shape[0],), t_val, device=self.device)
             x_t = (1 - t_val) * x + t_val * noise
             loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
-            self.log(f"val/loss_t{t_val}", loss)
+            self.log(f"val/loss_t{t_val}", loss, batch_size=x.shape[0])
             losses.append(loss)
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x.shape[0])
 
     def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, **sampler: Any) -> torch.Tensor:
         opts = self.sampler_defaults | sampler

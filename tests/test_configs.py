@@ -1,0 +1,58 @@
+"""Every experiment and debug mode composes; `debug=fdr` runs a stage through Lightning in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.fit import run
+
+register_resolvers()
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+DEBUGS = sorted(p.stem for p in (CONFIG_DIR / "debug").glob("*.yaml"))
+
+
+def _compose(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("fit", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
+                                         *overrides])
+
+
+def test_config_dir_is_found_and_complete() -> None:
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    assert {"data", "model", "trainer", "callbacks", "logger", "paths", "hydra", "debug", "experiment"} <= groups
+    assert "teacher" in EXPERIMENTS and {"fdr", "overfit"} <= set(DEBUGS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("debug", [None, *DEBUGS])
+def test_compose_every_experiment_and_debug(tmp_path: Path, experiment: str, debug: str | None) -> None:
+    cfg = _compose(tmp_path, f"experiment={experiment}", *([f"debug={debug}"] if debug else []))
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.task_name == experiment
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if debug == "fdr":
+        assert cfg.trainer.fast_dev_run is True
+
+
+def test_any_trainer_option_can_be_overridden(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, "experiment=teacher", "trainer.max_steps=7", "+trainer.accumulate_grad_batches=2")
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == 7 and trainer.accumulate_grad_batches == 2
+
+
+def test_debug_fdr_runs_teacher_in_process(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, "experiment=teacher", "debug=fdr", "data.toy.videos_per_caption=1",
+                   "data.toy.val_videos_per_caption=1", "data.batch_size=4", "callbacks.toy_eval.sampler.steps=1",
+                   "model.transformer_config.num_layers=1", "model.transformer_config.ffn_dim=32")
+    result = run(cfg)
+    assert result["train/loss"] > 0
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert (tmp_path / "out" / "export" / "transformer" / "config.json").is_file()
+    latest = tmp_path / "logs" / "teacher" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / "out").resolve()
