@@ -80,8 +80,16 @@ class TextEncoder(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Writes the toy text encoder (random frozen T5 + word-level tokenizer) in the diffusers folder layout."""
+def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int = 2, seed: int = 0,
+                           embedding_scale: float = 8.0) -> Path:
+    """Writes the toy text encoder (random frozen T5 + word-level tokenizer) in the diffusers folder layout.
+
+    With T5's default initialisation the random layers mix the words so much that the four direction words come
+    out with cosine similarity 0.4-0.5 to each other at their own position (colour and shape words: about 0), and a
+    teacher learned colour at once but ignored direction for thousands of steps. The word embeddings are therefore
+    orthogonal (the vocabulary is smaller than `d_model`) and scaled by `embedding_scale` relative to T5's
+    unit-variance init, which keeps each word's identity dominant in its output while the encoder stays contextual.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -97,5 +105,9 @@ def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int 
     config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model,
                       num_layers=num_layers, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
                       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    T5EncoderModel(config).save_pretrained(str(path / "text_encoder"))
+    model = T5EncoderModel(config)
+    with torch.no_grad():  # orthogonal words whose identity dominates the random layers' mixing (see docstring)
+        torch.nn.init.orthogonal_(model.shared.weight)
+        model.shared.weight.mul_(embedding_scale * d_model**0.5)
+    model.save_pretrained(str(path / "text_encoder"))
     return path
