@@ -47,37 +47,35 @@ class EMA(L.Callback):
         for n, p in params.items():
             self.shadow[n].lerp_(p.detach().float(), 1 - decay)
 
+    @staticmethod
+    @torch.no_grad()
+    def _copy_into(params: dict[str, torch.nn.Parameter], source: dict[str, torch.Tensor]) -> None:
+        for n, p in params.items():
+            p.copy_(source[n])
+
     @contextmanager
     def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
-        """Temporarily loads the EMA weights into the target module."""
-        params = self._params(pl_module)
+        """Temporarily loads the EMA weights into the target module (no-op before the first update)."""
         if not self.shadow:
             yield
             return
+        params = self._params(pl_module)
         backup = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.shadow[n])
+        self._copy_into(params, self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(backup[n])
+            self._copy_into(params, backup)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.use_for_validation and self.shadow and not trainer.sanity_checking:
             params = self._params(pl_module)
             self._backup = {n: p.detach().clone() for n, p in params.items()}
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(self.shadow[n])
+            self._copy_into(params, self.shadow)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._backup:
-            with torch.no_grad():
-                for n, p in self._params(pl_module).items():
-                    p.copy_(self._backup[n])
+            self._copy_into(self._params(pl_module), self._backup)
             self._backup = {}
 
     def state_dict(self) -> dict[str, Any]:
