@@ -76,6 +76,7 @@ def test_sample_writes_videos_the_reader_reads_back(teacher_run: Path) -> None:
         assert backend.read(e.path, 9).shape == (9, 16, 16, 3)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["effective_nfe"] == 6 and "toy" in summary and 0 <= summary["toy"]["acc_joint"] <= 1
+    assert summary["toy"]["toy_fd"] > 0 and summary["toy"]["toy_fd_real_count"] == 192  # reference written on use
 
 
 @pytest.mark.slow

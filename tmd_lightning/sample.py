@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.backends import get_backend
 from tmd_lightning.data.manifest import read_manifest, write_manifest
-from tmd_lightning.data.toy_world import FPS, all_captions, parse_caption, write_mp4
+from tmd_lightning.data.toy_world import FPS, all_captions, generate_toy_dataset, parse_caption, write_mp4
 from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
 from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
 from tmd_lightning.models.transformer import load_transformer
@@ -57,11 +57,21 @@ def load_stage(cfg: DictConfig) -> TeacherStage:
     return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=cfg.model.negative_prompt)
 
 
-def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: str | None) -> dict[str, float]:
+def toy_reference(cfg: DictConfig) -> Path | None:
+    """Manifest of the real toy videos toy-FD compares with (written on first use, then reused)."""
+    ref = cfg.get("toy_reference")
+    if not ref:
+        return None
+    return generate_toy_dataset(ref.root, ref.videos_per_caption, cfg.num_frames, cfg.height, seed=ref.seed,
+                                split="reference")
+
+
+def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, float]:
+    """Per-attribute and joint toy accuracy, and toy-FD against the real videos of `real_manifest`."""
     acc = ToyAccuracy()
     acc.update(videos, captions)
     report = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
-    if real_manifest and Path(real_manifest).is_file():
+    if real_manifest is not None:
         backend = get_backend("auto")
         entries = read_manifest(real_manifest)
         real = torch.stack([torch.from_numpy(backend.read(e.path, videos.shape[1])) for e in entries])
@@ -103,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         for p in prompts:
             parse_caption(p)
-        summary["toy"] = toy_report(videos, [p for p, _ in pairs], cfg.get("real_manifest"))
+        summary["toy"] = toy_report(videos, [p for p, _ in pairs], toy_reference(cfg))
     except ValueError:
         pass  # not toy prompts: no analytic metrics
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
