@@ -1,8 +1,9 @@
 """Callbacks: EMA of the trained network, toy-world evaluation, video logging."""
 
+from tmd_lightning.callbacks.data_health import SkippedSamplesLogger
 from tmd_lightning.callbacks.ema import EMA, find_ema
 from tmd_lightning.callbacks.export import ExportPretrained
 from tmd_lightning.callbacks.toy_eval import ToyEvalCallback
 from tmd_lightning.callbacks.videos import log_videos
 
-__all__ = ["EMA", "ExportPretrained", "ToyEvalCallback", "find_ema", "log_videos"]
+__all__ = ["EMA", "ExportPretrained", "SkippedSamplesLogger", "ToyEvalCallback", "find_ema", "log_videos"]
