@@ -87,3 +87,21 @@ def test_sample_from_lightning_checkpoint_matches_export(teacher_run: Path) -> N
     _run("tmd_lightning.sample", f"checkpoint={ckpt}", "prompts=[a red circle moving left]", "seeds=[0]",
          "sampler.steps=2", f"output_dir={out}", f"paths.root_dir={teacher_run}", *TINY, cwd=teacher_run)
     assert len(read_manifest(out / "manifest.csv")) == 1
+
+
+@pytest.mark.slow
+def test_export_checkpoint_writes_the_ema_weights(teacher_run: Path, tmp_path: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    from tmd_lightning.export import export_checkpoint
+
+    ckpt = teacher_run / "logs" / "teacher" / "latest" / "checkpoints" / "last.ckpt"
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    loaded = WanTransformer3DModel.from_pretrained(str(out))
+    shadow = next(s for k, s in torch.load(ckpt, weights_only=False)["callbacks"].items() if k.startswith("EMA"))
+    for name, param in loaded.named_parameters():
+        torch.testing.assert_close(param.detach(), shadow["shadow"][name])
+    # the run's own end-of-training export is the same EMA state (last.ckpt is written at the final step)
+    final = WanTransformer3DModel.from_pretrained(str(ckpt.parent.parent / "export" / "transformer"))
+    for (name, a), (_, b) in zip(loaded.named_parameters(), final.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

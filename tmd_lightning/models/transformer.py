@@ -33,4 +33,5 @@ def load_transformer(
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(config, resolve=True)
-    return WanTransformer3DModel(**config).to(dtype)
+    model = WanTransformer3DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)

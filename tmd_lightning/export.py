@@ -1,0 +1,56 @@
+"""Entry point: `python -m tmd_lightning.export CHECKPOINT [OUT] [--no-ema]`.
+
+Writes the trained transformer of a stage checkpoint as a diffusers folder (`config.json` + safetensors) that
+`from_pretrained`, `load_transformer` and `python -m tmd_lightning.sample checkpoint=OUT` load. Uses the EMA weights
+stored in the checkpoint when there are any. Runs that finish export by themselves (`export/` in the run folder);
+this is for a run that was stopped early, or for any intermediate checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from tmd_lightning.config import register_resolvers
+from tmd_lightning.models.transformer import load_transformer
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use_ema: bool = True,
+                      prefix: str = "transformer.") -> Path:
+    """Saves `<prefix>*` weights (EMA if present and `use_ema`) of a Lightning checkpoint as a diffusers folder.
+
+    The architecture comes from the run's `config.yaml` (next to `checkpoints/`), which `fit` writes for every run.
+    """
+    checkpoint = Path(checkpoint)
+    config_path = checkpoint.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: export needs the run folder written by tmd_lightning.fit")
+    register_resolvers()
+    model_cfg = OmegaConf.load(config_path).model
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    ema = next((s for name, s in ckpt.get("callbacks", {}).items() if name.startswith("EMA")), None)
+    if use_ema and ema is not None:
+        state.update(ema["shadow"])
+    transformer = load_transformer(config=model_cfg.transformer_config)
+    transformer.load_state_dict(state, strict=True)
+    out = Path(out) if out else checkpoint.parent.parent / "export" / f"transformer_step{ckpt['global_step']}"
+    transformer.save_pretrained(str(out))
+    print(f"exported step {ckpt['global_step']} ({'EMA' if use_ema and ema else 'raw'} weights) to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("out", nargs="?", default=None)
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    args = parser.parse_args(argv)
+    export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+
+
+if __name__ == "__main__":
+    main()
