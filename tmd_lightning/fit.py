@@ -1,8 +1,8 @@
 """Entry point: `python -m tmd_lightning.fit experiment=NAME [overrides]`.
 
 Instantiates data, stage, callbacks, loggers and trainer from the config, fits, and says where the outputs went.
-Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one, which is how
-the next stage finds the previous stage's checkpoint without an extra argument.
+Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one (from the moment
+it starts), which is how the next stage finds the previous stage's checkpoint without an extra argument.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     output_dir = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:
+    stage_dir = Path(cfg.paths.log_dir) / cfg.task_name
+    if trainer.is_global_zero:  # linked at the start, so an interrupted run is found (and resumed) too
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+        latest = _link_latest(output_dir, stage_dir)
     trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        latest = _link_latest(output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
         print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}")
         if ckpt:
