@@ -94,24 +94,22 @@ def test_manifest_error_is_a_value_error():
     assert issubclass(ManifestError, ValueError)
 
 
-def test_empty_csv(tmp_path):
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("")
-    with pytest.raises(ManifestError, match="empty"):
-        read_manifest(manifest)
+MALFORMED = [  # (file name, content, what the error must say)
+    ("m.csv", "", "empty"),
+    ("m.csv", "path,caption\n", "no rows"),
+    ("m.jsonl", "\n\n", "empty"),
+    ("m.csv", "path,caption\na.mp4,ok\n,no path here\n", "row 3 has no path"),
+    ("m.jsonl", '{"path": "a.mp4", "caption": "ok"}\n{"path": "b.mp4", "caption": \n', r"m\.jsonl:2: not valid JSON"),
+    ("m.jsonl", '["a.mp4", "caption"]\n', "JSON object"),
+    ("m.jsonl", '{"caption": "no path"}\n', "no path"),
+]
 
 
-def test_header_only_csv(tmp_path):
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("path,caption\n")
-    with pytest.raises(ManifestError, match="no rows"):
-        read_manifest(manifest)
-
-
-def test_empty_jsonl(tmp_path):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n\n")
-    with pytest.raises(ManifestError, match="empty"):
+@pytest.mark.parametrize(("name", "content", "message"), MALFORMED)
+def test_malformed_manifest_is_a_clear_error(tmp_path, name, content, message):
+    manifest = tmp_path / name
+    manifest.write_text(content)
+    with pytest.raises(ManifestError, match=message):
         read_manifest(manifest)
 
 
@@ -120,34 +118,6 @@ def test_csv_lacking_required_column(tmp_path, header):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"{header}\n" + ",".join(["x"] * len(header.split(","))) + "\n")
     with pytest.raises(ManifestError, match="lacks column"):
-        read_manifest(manifest)
-
-
-def test_csv_row_without_path(tmp_path):
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("path,caption\na.mp4,ok\n,no path here\n")
-    with pytest.raises(ManifestError, match="row 3 has no path"):
-        read_manifest(manifest)
-
-
-def test_jsonl_invalid_line(tmp_path):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text('{"path": "a.mp4", "caption": "ok"}\n{"path": "b.mp4", "caption": \n')
-    with pytest.raises(ManifestError, match=r"m\.jsonl:2: not valid JSON"):
-        read_manifest(manifest)
-
-
-def test_jsonl_line_not_an_object(tmp_path):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text('["a.mp4", "caption"]\n')
-    with pytest.raises(ManifestError, match="JSON object"):
-        read_manifest(manifest)
-
-
-def test_jsonl_missing_path(tmp_path):
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text('{"caption": "no path"}\n')
-    with pytest.raises(ManifestError, match="no path"):
         read_manifest(manifest)
 
 
