@@ -78,11 +78,14 @@ class DecordBackend:
     name = "decord"
 
     def read(self, path: str | Path, num_frames: int, start: int = 0) -> np.ndarray:
-        import decord
-
         if not Path(path).is_file():
             raise VideoDecodeError(f"{path}: file not found")
-        _, height, width = _probe_size(path)
+        return self.read_checked(path, num_frames, start, _probe_size(path)[1:])
+
+    def read_checked(self, path: str | Path, num_frames: int, start: int, size: tuple[int, int]) -> np.ndarray:
+        """Decodes and checks the clip against a container frame size the caller already probed."""
+        import decord
+
         try:
             reader = decord.VideoReader(str(path), num_threads=1)
             if len(reader) < start + num_frames:
@@ -90,7 +93,7 @@ class DecordBackend:
             frames = reader.get_batch(list(range(start, start + num_frames))).asnumpy()
         except decord.DECORDError as exc:
             raise VideoDecodeError(f"{path}: decord failed ({exc})") from exc
-        return _check_clip(frames, num_frames, (height, width), path)
+        return _check_clip(frames, num_frames, size, path)
 
 
 class AutoBackend:
@@ -113,7 +116,7 @@ class AutoBackend:
         _, height, width = _probe_size(path)
         if (height, width) not in self.decord_bad_sizes:
             try:
-                return self.decord.read(path, num_frames, start)
+                return self.decord.read_checked(path, num_frames, start, (height, width))
             except (VideoDecodeError, ImportError) as exc:
                 self.fallbacks += 1
                 try:  # a file PyAV cannot read either is bad input, not a decord problem
