@@ -1,6 +1,6 @@
 """Entry point: `python -m tmd_lightning.export CHECKPOINT [OUT] [--no-ema]`.
 
-Writes the trained transformer of a stage checkpoint as a diffusers folder (`config.json` + safetensors) that
+Writes the trained network (teacher transformer or TMD student) of a stage checkpoint as a diffusers folder (`config.json` + safetensors) that
 `from_pretrained`, `load_transformer` and `python -m tmd_lightning.sample checkpoint=OUT` load. Uses the EMA weights
 stored in the checkpoint when there are any. Runs that finish export by themselves (`export/` in the run folder);
 this is for a run that was stopped early, or for any intermediate checkpoint.
@@ -16,29 +16,36 @@ from omegaconf import OmegaConf
 
 from tmd_lightning.config import register_resolvers
 from tmd_lightning.models.transformer import load_transformer
+from tmd_lightning.stages.loading import NETWORK_CLASSES
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use_ema: bool = True,
-                      prefix: str = "transformer.") -> Path:
-    """Saves `<prefix>*` weights (EMA if present and `use_ema`) of a Lightning checkpoint as a diffusers folder.
-
-    The architecture comes from the run's `config.yaml` (next to `checkpoints/`), which `fit` writes for every run.
-    """
-    checkpoint = Path(checkpoint)
+def _network(ckpt: dict, checkpoint: Path) -> tuple[torch.nn.Module, str]:
+    """The checkpoint's network, freshly built, and its state-dict prefix; older teacher checkpoints carry no
+    architecture record, so theirs comes from the run's `config.yaml` (next to `checkpoints/`)."""
+    meta = ckpt.get("tmd_lightning")
+    if meta is not None:
+        return NETWORK_CLASSES[meta["network_class"]].from_config(meta["network_config"]), meta["network_attr"]
     config_path = checkpoint.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: export needs the run folder written by tmd_lightning.fit")
     register_resolvers()
-    model_cfg = OmegaConf.load(config_path).model
+    return load_transformer(config=OmegaConf.load(config_path).model.transformer_config), "transformer"
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Saves the trained network (EMA weights if present and `use_ema`) of a Lightning checkpoint as a diffusers
+    folder: a `WanTransformer3DModel` for the teacher stage, a `TMDTransformer` for the student stages."""
+    checkpoint = Path(checkpoint)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    network, attr = _network(ckpt, checkpoint)
+    prefix = attr + "."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     ema = next((s for name, s in ckpt.get("callbacks", {}).items() if name.startswith("EMA")), None)
     if use_ema and ema is not None:
         state.update(ema["shadow"])
-    transformer = load_transformer(config=model_cfg.transformer_config)
-    transformer.load_state_dict(state, strict=True)
-    out = Path(out) if out else checkpoint.parent.parent / "export" / f"transformer_step{ckpt['global_step']}"
-    transformer.save_pretrained(str(out))
+    network.load_state_dict(state, strict=True)
+    out = Path(out) if out else checkpoint.parent.parent / "export" / f"{attr}_step{ckpt['global_step']}"
+    network.save_pretrained(str(out))
     print(f"exported step {ckpt['global_step']} ({'EMA' if use_ema and ema else 'raw'} weights) to {out}")
     return out
 

@@ -23,8 +23,8 @@ from tmd_lightning.data.manifest import read_manifest, write_manifest
 from tmd_lightning.data.toy_world import FPS, all_captions, generate_toy_dataset, parse_caption, write_mp4
 from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
 from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
-from tmd_lightning.models.transformer import load_transformer
-from tmd_lightning.stages.teacher import TeacherStage
+from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -45,16 +45,16 @@ def resolve_prompts(prompts: Any) -> list[str]:
     return out
 
 
-def load_stage(cfg: DictConfig) -> TeacherStage:
-    """The network to sample: a Lightning checkpoint of a stage, a diffusers folder, or the model's teacher."""
+def load_stage(cfg: DictConfig) -> VideoStage:
+    """The network to sample: a stage's Lightning checkpoint, a diffusers folder (teacher or TMD student), or the
+    model's teacher."""
     codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     source = cfg.get("checkpoint") or cfg.model.pretrained
     if str(source).endswith(".ckpt"):
-        transformer = load_transformer(config=cfg.model.transformer_config)
-        return TeacherStage.load_from_checkpoint(source, map_location="cpu", transformer=transformer, codec=codec,
-                                                 text_encoder=text_encoder, weights_only=False)
-    transformer = load_transformer(pretrained=source)
-    return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=cfg.model.negative_prompt)
+        teacher_config = cfg.model.get("transformer_config")
+        teacher_config = OmegaConf.to_container(teacher_config, resolve=True) if teacher_config else None
+        return load_checkpoint_stage(source, codec, text_encoder, teacher_config)
+    return load_pretrained_stage(source, codec, text_encoder, cfg.model.negative_prompt)
 
 
 def toy_reference(cfg: DictConfig) -> Path | None:
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = load_stage(cfg).to(device).eval()
     prompts = resolve_prompts(cfg.prompts)
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler = stage.sampler_options(**OmegaConf.to_container(cfg.sampler, resolve=True))
     out_dir = Path(cfg.output_dir)
     videos, rows = [], []
     start = time.perf_counter()

@@ -85,3 +85,27 @@ def teacher_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, g
     if solver == "unipc":
         return unipc_sample(velocity, noise, steps, gamma)
     raise ValueError(f"unknown solver {solver!r}; use 'euler' or 'unipc'")
+
+
+def student_grids(M: int, N: int, gamma: float = 10.0, t_max: float = 0.999) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TMD student's outer (M steps) and inner (N steps) grids: `shift(k/K, gamma)`, last point `t_max`."""
+    return time_grid(M, gamma, t_max), time_grid(N, gamma, t_max)
+
+
+@torch.no_grad()
+def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor, M: int = 2, N: int = 2,
+               gamma: float = 10.0, t_max: float = 0.999, inner_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Algorithm 1: for i = M .. 1, `m = backbone(x, t_i, c)`, `x <- x - (t_i - t_{i-1}) InnerFlow(m)`.
+
+    One backbone pass and N head passes per outer step, no CFG. `inner_noise[i - 1]` is the fresh `y1` of outer
+    step i (drawn here when not given).
+    """
+    outer, inner = student_grids(M, N, gamma, t_max)
+    x = noise
+    batch = x.shape[0]
+    for i in range(M, 0, -1):
+        t = torch.full((batch,), float(outer[i]), device=x.device, dtype=torch.float32)
+        m = student.backbone(x, t, text)
+        y1 = torch.randn_like(x) if inner_noise is None else inner_noise[i - 1].to(x)
+        x = x - float(outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
+    return x

@@ -36,11 +36,6 @@ class VideoStage(L.LightningModule):
         """The negative-prompt embedding (empty caption for the toy, Wan's negative prompt at scale), repeated."""
         return self.text_encoder([self.negative_prompt]).expand(batch_size, -1, -1).float()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
-
     def train(self, mode: bool = True):  # frozen encoders stay in eval mode
         super().train(mode)
         self.codec.eval()
@@ -50,9 +45,13 @@ class VideoStage(L.LightningModule):
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return self.codec.latent_shape(num_frames, height, width)
 
-    def initial_noise(self, seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-        """One noise tensor per seed, reproducible regardless of batch composition or device."""
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    def initial_noise(self, seeds: list[int], shape: tuple[int, ...], stream: int = 0) -> torch.Tensor:
+        """One noise tensor per seed, reproducible regardless of batch composition or device.
+
+        `stream` > 0 gives further independent draws per seed (the TMD sampler's inner noise of each outer step).
+        """
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + 1_000_003 * stream))
+                 for s in seeds]
         return torch.stack(noise).to(self.device)
 
     def generate(self, captions: list[str], seeds: list[int], num_frames: int, height: int, width: int,
@@ -61,11 +60,54 @@ class VideoStage(L.LightningModule):
         noise = self.initial_noise(seeds, self.latent_shape(num_frames, height, width))
         with torch.no_grad():
             text = self.text_encoder(captions)
-            latents = self.sample_latents(noise, text, **sampler)
+            latents = self.sample_latents(noise, text, seeds=seeds, **self.sampler_options(**sampler))
             return self.codec.decode(latents)
 
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, **sampler: Any) -> torch.Tensor:
+    sampler_defaults: dict[str, Any] = {}
+
+    def sampler_options(self, **sampler: Any) -> dict[str, Any]:
+        """The stage's sampler defaults updated with the non-None `sampler` values; unknown keys are an error."""
+        given = {k: v for k, v in sampler.items() if v is not None}
+        unknown = sorted(set(given) - set(self.sampler_defaults))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no sampler option(s) {unknown}; "
+                             f"it takes {sorted(self.sampler_defaults)}")
+        return dict(self.sampler_defaults) | given
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
+                       **sampler: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def sampler_nfe(self, **sampler: Any) -> float:
         raise NotImplementedError
+
+    # -- what every checkpoint says about itself, so `sample` and `export` rebuild the right network -------------
+    network_attr: str = "transformer"
+
+    @property
+    def network(self) -> nn.Module:
+        """The trained network (the teacher's transformer, the student)."""
+        return getattr(self, self.network_attr)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        cls = type(self)
+        checkpoint["tmd_lightning"] = {"stage": f"{cls.__module__}.{cls.__qualname__}",
+                                       "network_attr": self.network_attr,
+                                       "network_class": type(self.network).__name__,
+                                       "network_config": dict(self.network.config)}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """`hparams.optimizer` (a partial) over the network's trainable parameters, with an optional per-step
+        `hparams.scheduler`."""
+        optimizer = self.hparams.optimizer(params=[p for p in self.network.parameters() if p.requires_grad])
+        if self.hparams.get("scheduler") is None:
+            return {"optimizer": optimizer}
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export_pretrained(self, path: str) -> None:
+        """Saves the network as a diffusers folder (`from_pretrained` loads it)."""
+        self.network.save_pretrained(path)

@@ -76,23 +76,13 @@ class TeacherStage(VideoStage):
             losses.append(loss)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x.shape[0])
 
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, **sampler: Any) -> torch.Tensor:
-        opts = self.sampler_defaults | sampler
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
+                       **sampler: Any) -> torch.Tensor:
+        opts = self.sampler_options(**sampler)
         neg = self.negative_embedding(noise.shape[0]) if opts["cfg"] != 1.0 else None
         velocity = cfg_velocity(self.velocity, text, neg, opts["cfg"])
         return teacher_sample(velocity, noise, opts["steps"], opts["gamma"], opts["solver"])
 
     def sampler_nfe(self, **sampler: Any) -> float:
-        opts = self.sampler_defaults | sampler
+        opts = self.sampler_options(**sampler)
         return effective_nfe(opts["steps"], cfg=opts["cfg"] != 1.0)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.hparams.optimizer(params=[p for p in self.transformer.parameters() if p.requires_grad])
-        if self.hparams.scheduler is None:
-            return {"optimizer": optimizer}
-        scheduler = self.hparams.scheduler(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def export_pretrained(self, path: str) -> None:
-        """Saves the transformer as a diffusers folder (`from_pretrained` loads it)."""
-        self.transformer.save_pretrained(path)

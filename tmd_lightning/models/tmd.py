@@ -1,0 +1,310 @@
+"""The TMD student (DESIGN.md §3): a Wan transformer split into a main backbone and a flow head.
+
+Notation (used in config and log names too):
+    L  blocks of the teacher; the backbone runs blocks 0 .. L-H-1 once per outer step,
+    H  flow-head blocks (the last H of the teacher), run N times per outer step,
+    t  outer time (the video's noise level), s / r the inner flow map's start / end time (r <= s).
+
+Every Wan piece is diffusers' own module, held in `self.wan` (a `WanTransformer3DModel`), and called here in the
+order Wan's `forward` calls them; only the split and the three new parts are written by hand, because no library
+provides a transformer cut in two with a second time input: the Δ-embedder (a copy of Wan's time MLP for `s - r`
+whose last layer starts at zero), the inner-sample fusion ("gated" or "concat"), and the flow-map algebra.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.normalization import FP32LayerNorm
+from torch import nn
+
+FUSIONS = ("gated", "concat")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,) times -> (B, 1, 1, 1, 1), to scale video-shaped tensors per row."""
+    return x.view(-1, *([1] * 4))
+
+
+@dataclass
+class BackboneOutput:
+    """What the backbone hands the head: the token features `m` and the per-call context the head reuses.
+
+    `hidden_states` is `m`, shape (B, tokens, D). The projected text, the rotary embedding and the post-patch grid
+    are kept so that N head calls recompute none of them.
+    """
+
+    hidden_states: torch.Tensor
+    text: torch.Tensor
+    rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    grid: tuple[int, int, int]
+    encoder_hidden_states: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def repeat(self, k: int) -> BackboneOutput:
+        """k copies stacked along the batch (`[m, m, ..]`), e.g. for the two finite-difference head calls."""
+        return replace(self, hidden_states=self.hidden_states.repeat(k, 1, 1), text=self.text.repeat(k, 1, 1),
+                       encoder_hidden_states=None)
+
+    def select(self, index: torch.Tensor) -> BackboneOutput:
+        """The rows `index` (a bool mask or integer indices)."""
+        return replace(self, hidden_states=self.hidden_states[index], text=self.text[index],
+                       encoder_hidden_states=None)
+
+    def detach(self) -> BackboneOutput:
+        return replace(self, hidden_states=self.hidden_states.detach(), text=self.text.detach())
+
+
+class GatedFusion(nn.Module):
+    """`z = m + σ(α) · W_out GELU(W_in (LN(h)(1 + scale_s) + shift_s))`, with `W_out = 0` at init, so `z = m`.
+
+    scale/shift are Wan's shared modulation of the head's time embedding (its first two chunks) plus a learnable
+    offset, as Wan's blocks add their `scale_shift_table`.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, gate_init: float = 0.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.modulation_offset = nn.Parameter(torch.zeros(1, 2, dim))
+        self.proj_in = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(hidden_dim, dim)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, m: torch.Tensor, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation_offset + modulation[:, :2].float()).chunk(2, dim=1)
+        x = (self.norm(h.float()) * (1 + scale) + shift).type_as(h)
+        return m + torch.sigmoid(self.gate).to(m.dtype) * self.proj_out(self.act(self.proj_in(x)))
+
+
+class ConcatFusion(nn.Module):
+    """`z = Linear([m, h])`, identity on the m half and N(0, std²) on the h half (the paper's init)."""
+
+    def __init__(self, dim: int, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.dim, self.init_std = dim, init_std
+        self.proj = nn.Linear(2 * dim, dim)
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            self.proj.weight[:, : self.dim].copy_(torch.eye(self.dim))
+            nn.init.normal_(self.proj.weight[:, self.dim :], std=self.init_std)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, m: torch.Tensor, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([m, h.to(m.dtype)], dim=-1))
+
+
+class TMDTransformer(ModelMixin, ConfigMixin):
+    """Decoupled student: `backbone(x_t, t, c) -> m` and `head(y_s, s, r, m, c) -> velocity-space output`.
+
+    Build it with `TMDTransformer.from_teacher(teacher, head_blocks=H)`; save and load it like any diffusers model
+    (`save_pretrained` / `from_pretrained`). The inner flow runs from `y1 ~ N(0, I)` at s = 1 toward the target
+    `y = ε - x` at s = 0, `y_s = (1 - s) y + s y1`; the head predicts `y`.
+
+    Args:
+        wan_config: the teacher's `WanTransformer3DModel` config.
+        head_blocks: H, the number of final teacher blocks that form the flow head.
+        fusion: how the inner sample enters the head, "gated" (exact teacher at init) or "concat" (the paper's).
+        fusion_dim: hidden width of the gated fusion block (default: the model width D).
+        fusion_gate_init: α at init; σ(α) scales the gated block (its output is zero at init anyway).
+        concat_init_std: init std of the concat fusion's h half.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["WanTransformerBlock"]
+    _keep_in_fp32_modules = ["rope", "time_embedder", "delta_embedder", "scale_shift_table", "norm1", "norm2",
+                             "norm3"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm", "delta_embedder"]
+
+    @register_to_config
+    def __init__(self, wan_config: dict[str, Any], head_blocks: int = 5, fusion: str = "gated",
+                 fusion_dim: int | None = None, fusion_gate_init: float = 0.0, concat_init_std: float = 0.01) -> None:
+        super().__init__()
+        self.wan = WanTransformer3DModel(**wan_config)
+        num_layers, dim = self.wan.config.num_layers, self.inner_dim
+        if not 1 <= head_blocks < num_layers:
+            raise ValueError(f"head_blocks (H) must be in [1, {num_layers - 1}] for a {num_layers}-block teacher, "
+                             f"got {head_blocks}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.delta_embedder = copy.deepcopy(self.wan.condition_embedder.time_embedder)
+        nn.init.zeros_(self.delta_embedder.linear_2.weight)
+        nn.init.zeros_(self.delta_embedder.linear_2.bias)
+        if fusion == "gated":
+            self.inner_fusion = GatedFusion(dim, fusion_dim or dim, fusion_gate_init, self.wan.config.eps)
+        else:
+            self.inner_fusion = ConcatFusion(dim, concat_init_std)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.wan.config.num_attention_heads * self.wan.config.attention_head_dim
+
+    @property
+    def num_layers(self) -> int:
+        """L, the teacher's block count."""
+        return self.wan.config.num_layers
+
+    @property
+    def head_blocks(self) -> int:
+        """H."""
+        return self.config.head_blocks
+
+    @classmethod
+    def from_teacher(cls, teacher: WanTransformer3DModel, head_blocks: int = 5, fusion: str = "gated",
+                     **kwargs: Any) -> TMDTransformer:
+        """A student whose backbone + head reproduce `teacher` at init (exactly, for the gated fusion).
+
+        The teacher is copied, never shared: training the student leaves it untouched. The copy is built on the meta
+        device and filled from the teacher, so a 14B teacher is not first initialised at random.
+        """
+        wan_config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+        device = next(teacher.parameters()).device
+        with torch.device("meta"):
+            student = cls(wan_config, head_blocks=head_blocks, fusion=fusion, **kwargs)
+        student.to_empty(device=device)
+        student.wan.load_state_dict(teacher.state_dict(), strict=True)
+        for name, buffer in teacher.named_buffers():  # non-persistent (rope tables) are not in the state dict
+            module_name, _, attr = name.rpartition(".")
+            setattr(student.wan.get_submodule(module_name), attr, buffer.detach().clone())
+        student.delta_embedder.load_state_dict(teacher.condition_embedder.time_embedder.state_dict())
+        nn.init.zeros_(student.delta_embedder.linear_2.weight)
+        nn.init.zeros_(student.delta_embedder.linear_2.bias)
+        _init_fusion(student.inner_fusion, student.config.fusion_gate_init)
+        return student
+
+    # -- the two halves -------------------------------------------------------------------------------------------
+    def _run_blocks(self, blocks: nn.ModuleList, hidden: torch.Tensor, text: torch.Tensor,
+                    modulation: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        checkpointing = torch.is_grad_enabled() and self.wan.gradient_checkpointing
+        for block in blocks:
+            if checkpointing:
+                hidden = self.wan._gradient_checkpointing_func(block, hidden, text, modulation, rotary)
+            else:
+                hidden = block(hidden, text, modulation, rotary)
+        return hidden
+
+    def backbone(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor) -> BackboneOutput:
+        """`m_θ(x_t, t, c)`: patch + text/time embedding (Wan timestep 1000 t) + blocks 0 .. L-H-1.
+
+        `timestep` is the outer t in [0, 1], one per row.
+        """
+        wan = self.wan
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = wan.config.patch_size
+        rotary = wan.rope(hidden_states)
+        hidden = wan.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        _, modulation, text, _ = wan.condition_embedder(timestep * 1000.0, encoder_hidden_states)
+        modulation = modulation.unflatten(1, (6, -1))
+        hidden = self._run_blocks(wan.blocks[: self.num_layers - self.head_blocks], hidden, text, modulation, rotary)
+        return BackboneOutput(hidden, text, rotary, (frames // p_t, height // p_h, width // p_w),
+                              encoder_hidden_states)
+
+    def head_embedding(self, s: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`e = time_embedder(sin(1000 s)) + Δ_embedder(sin(1000 (s - r)))`, shape (B, D)."""
+        embedder = self.wan.condition_embedder
+        mlp_dtype = next(embedder.time_embedder.parameters()).dtype
+        e = embedder.time_embedder(embedder.timesteps_proj(s * 1000.0).to(mlp_dtype))
+        e = e + self.delta_embedder(embedder.timesteps_proj((s - r) * 1000.0).to(mlp_dtype))
+        return e.to(dtype)
+
+    def head(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,
+             encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """`head_θ(y_s, s, r; m, c)`: fusion + blocks L-H .. L-1 + Wan's output head; shaped like `sample`.
+
+        The text projection from the backbone call is reused when `encoder_hidden_states` is the tensor the
+        backbone saw (or None); any other text is projected afresh.
+        """
+        wan = self.wan
+        if encoder_hidden_states is None or encoder_hidden_states is m.encoder_hidden_states:
+            text = m.text
+        else:
+            text = wan.condition_embedder.text_embedder(encoder_hidden_states)
+        batch = sample.shape[0]
+        e = self.head_embedding(s, r, text.dtype)
+        modulation = wan.condition_embedder.time_proj(wan.condition_embedder.act_fn(e)).unflatten(1, (6, -1))
+        h = wan.patch_embedding(sample).flatten(2).transpose(1, 2)
+        z = self.inner_fusion(m.hidden_states, h, modulation)
+        z = self._run_blocks(wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
+        shift, scale = (wan.scale_shift_table + e.unsqueeze(1)).chunk(2, dim=1)
+        z = (wan.norm_out(z.float()) * (1 + scale) + shift).type_as(z)
+        z = wan.proj_out(z)
+        (f, hh, ww), (p_t, p_h, p_w) = m.grid, wan.config.patch_size
+        z = z.reshape(batch, f, hh, ww, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return z.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    # -- flow-map algebra (§3) -------------------------------------------------------------------------------------
+    def average_velocity(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,
+                         inner_noise: torch.Tensor) -> torch.Tensor:
+        """`u_θ(y_s, s, r) = y1 - head_θ(y_s, s, r)`, the average inner velocity from s to r."""
+        return inner_noise - self.head(sample, s, r, m)
+
+    def flow_map(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,
+                 inner_noise: torch.Tensor) -> torch.Tensor:
+        """`f_θ(y_s, s, r) = y_s - (s - r) u_θ`: jumps the inner sample from s to r (the paper prints `+`; wrong)."""
+        return sample - _rows(s - r).to(sample.dtype) * self.average_velocity(sample, s, r, m, inner_noise)
+
+    def inner_flow(self, m: BackboneOutput, inner_grid: torch.Tensor, inner_noise: torch.Tensor,
+                   detach_steps: bool = False) -> torch.Tensor:
+        """`InnerFlow(m)`: from `y1 = inner_noise` at s_N down the grid to s_0 = 0; returns ŷ ≈ ε - x.
+
+        Differentiable through every step (Stage 2 backpropagates through all N); `detach_steps` cuts the graph
+        between steps (the paper's "no rollout" ablation).
+        """
+        y = inner_noise
+        batch = inner_noise.shape[0]
+        for j in range(len(inner_grid) - 1, 0, -1):
+            s = inner_grid[j].to(torch.float32).expand(batch).to(y.device)
+            r = inner_grid[j - 1].to(torch.float32).expand(batch).to(y.device)
+            y = self.flow_map(y.detach() if detach_steps else y, s, r, m, inner_noise)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                sample: torch.Tensor | None = None, s: torch.Tensor | None = None,
+                r: torch.Tensor | None = None) -> torch.Tensor:
+        """One backbone + one head call; with no inner sample it is the teacher-equivalent `head(·, t, t)`.
+
+        Wrapping strategies (DDP, FSDP) see the whole student through this method.
+        """
+        m = self.backbone(hidden_states, timestep, encoder_hidden_states)
+        s = timestep if s is None else s
+        return self.head(hidden_states if sample is None else sample, s, s if r is None else r, m)
+
+
+def _init_fusion(fusion: nn.Module, gate_init: float) -> None:
+    """Initialises the fusion parameters after `to_empty` (which leaves memory uninitialised)."""
+    for module in fusion.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    if isinstance(fusion, GatedFusion):
+        nn.init.zeros_(fusion.modulation_offset)
+        with torch.no_grad():
+            fusion.gate.fill_(gate_init)
+    fusion.reset_new_parameters()
+
+
+def build_student(teacher: str | None = None, teacher_config: dict[str, Any] | None = None, head_blocks: int = 5,
+                  fusion: str = "gated", pretrained: str | None = None, **kwargs: Any) -> TMDTransformer:
+    """The student for a stage: a saved `TMDTransformer` folder (`pretrained`), else built from the teacher
+    (a local diffusers folder `teacher`, or `teacher_config` for a random tiny one in tests)."""
+    if pretrained is not None:
+        return TMDTransformer.from_pretrained(str(pretrained), local_files_only=True)
+    from tmd_lightning.models.transformer import load_transformer
+
+    return TMDTransformer.from_teacher(load_transformer(pretrained=teacher, config=teacher_config),
+                                       head_blocks=head_blocks, fusion=fusion, **kwargs)

@@ -1,0 +1,137 @@
+"""Stage 1 (adapt_head): the flow head becomes a conditional flow map, trained with TM-MeanFlow (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
+from tmd_lightning.sampling import shift
+from tmd_lightning.stages.student import StudentStage
+
+
+class AdaptHeadStage(StudentStage):
+    """TM-MeanFlow fine-tuning of the whole student (backbone features are not detached).
+
+    Per batch (§4): outer t from the outer grid; condition dropout to the negative prompt; inner times
+    `s = shift(U(s_min, s_max), s_shift)`, `r` = the inner-grid point below s, or r = s on a fraction
+    `p_r_equals_s` of rows; the CFG target `ṽ = ω v + (1 - ω) u(y_s, s, s; c_neg)`; the MeanFlow target
+    `û = ṽ - (s - r) du/ds` with a finite-difference du/ds; the adaptively normalised loss.
+
+    Args:
+        cond_dropout: probability of replacing a caption by the negative prompt.
+        s_shift, s_min, s_max: the inner-time sampler.
+        p_r_equals_s: fraction of rows trained as plain transition matching (r = s); 0.75 in the paper.
+        cfg_scale: ω of the CFG target (1 disables it).
+        fd_delta: δ of the finite difference; 5e-3 deliberately smooths the derivative in s (§4).
+        loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
+        plain_tm: ablation, always r = s (transition matching without the flow map).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        codec: nn.Module,
+        text_encoder: nn.Module,
+        optimizer: partial | None,
+        scheduler: partial | None = None,
+        negative_prompt: str = "",
+        M: int = 2,
+        N: int = 2,
+        grid_gamma: float = 10.0,
+        t_max: float = 0.999,
+        cond_dropout: float = 0.1,
+        s_shift: float = 3.0,
+        s_min: float = 0.001,
+        s_max: float = 0.999,
+        p_r_equals_s: float = 0.75,
+        cfg_scale: float = 3.0,
+        fd_delta: float = 5e-3,
+        loss_c: float = 1.0,
+        plain_tm: bool = False,
+    ) -> None:
+        super().__init__(student, codec, text_encoder, negative_prompt, M, N, grid_gamma, t_max)
+        self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)
+        if not 0.0 < fd_delta < 0.5:
+            raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
+
+    def tm_meanflow_loss(self, x: torch.Tensor, text: torch.Tensor,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The TM-MF loss of one batch of latents `x` and text embeddings; `generator` makes it deterministic."""
+        h, student = self.hparams, self.student
+        b, device = x.shape[0], x.device
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=generator).to(device)
+
+        def randn() -> torch.Tensor:
+            return torch.randn(x.shape, generator=generator).to(x)
+
+        def rows(v: torch.Tensor) -> torch.Tensor:
+            return v.view(-1, 1, 1, 1, 1)
+
+        # 1. outer step: t_i uniform on t_1 .. t_M
+        t = self.outer_grid[(rand(b) * self.M).long().clamp(max=self.M - 1) + 1]
+        eps = randn()
+        x_t = (1 - rows(t)) * x + rows(t) * eps
+        # 2. condition dropout to the negative prompt
+        neg = self.negative_embedding(b)
+        dropped = rand(b) < h.cond_dropout
+        text = torch.where(dropped[:, None, None], neg, text)
+        # 3. inner times and the inner flow toward y = eps - x
+        y, y1 = eps - x, randn()
+        s = shift(rand(b) * (h.s_max - h.s_min) + h.s_min, h.s_shift)
+        r = s.clone() if h.plain_tm else sample_r(s, self.inner_grid, h.p_r_equals_s, rand(b))
+        y_s = (1 - rows(s)) * y + rows(s) * y1
+        v = y1 - y
+        m = student.backbone(x_t, t, text)
+        with torch.no_grad():
+            # 4. CFG target on the rows that kept their caption
+            guided = ~dropped if h.cfg_scale != 1.0 else torch.zeros_like(dropped)
+            u_neg = torch.zeros_like(v)
+            if guided.any():
+                m_neg = student.backbone(x_t[guided], t[guided], neg[guided])
+                s_g = s[guided]
+                u_neg[guided] = student.average_velocity(y_s[guided], s_g, s_g, m_neg, y1[guided])
+            v_tilde = cfg_target(v, u_neg, h.cfg_scale, guided)
+            # 5. MeanFlow target: du/ds by finite differences on the rows with r < s, sharing this m
+            target = v_tilde.clone()
+            flow_map_rows = r < s
+            if flow_map_rows.any():
+                idx = flow_map_rows
+                m_fd, y1_fd, r_fd = m.select(idx).detach().repeat(2), y1[idx].repeat(2, 1, 1, 1, 1), r[idx].repeat(2)
+
+                def u_fn(samples: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+                    return student.average_velocity(samples, s_, r_fd, m_fd, y1_fd)
+
+                du_ds = finite_difference_ds(u_fn, y_s[idx], s[idx], v_tilde[idx], h.fd_delta)
+                target[idx] = meanflow_target(v_tilde[idx], du_ds, s[idx], r[idx])
+        # 6. adaptive loss on u_θ(y_s, s, r)
+        u = student.average_velocity(y_s, s, r, m, y1)
+        d = x[0].numel()
+        loss, e = adaptive_loss(u, target, h.loss_c * d)
+        mse = e / d
+        stats = {"mse": mse.mean(), "frac_flow_map": flow_map_rows.float().mean()}
+        if flow_map_rows.any():
+            stats["mse_flow_map"] = mse[flow_map_rows].mean()
+        if (~flow_map_rows).any():
+            stats["mse_tm"] = mse[~flow_map_rows].mean()
+        return loss, stats
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, text = self.encode_batch(batch)
+        loss, stats = self.tm_meanflow_loss(x, text)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The same loss with seeded randomness, so validation curves are comparable across steps."""
+        x, text = self.encode_batch(batch)
+        loss, stats = self.tm_meanflow_loss(x, text, torch.Generator().manual_seed(batch_idx))
+        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("val/mse", stats["mse"], batch_size=x.shape[0])
+

@@ -1,0 +1,65 @@
+"""Rebuilding a stage for sampling from whatever a run left: a Lightning checkpoint or a diffusers folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import nn
+
+from tmd_lightning.models.tmd import TMDTransformer
+from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.student import StudentStage
+from tmd_lightning.stages.teacher import TeacherStage
+
+NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
+
+
+def _import(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.Module,
+                          teacher_config: dict[str, Any] | None = None) -> VideoStage:
+    """The stage a `.ckpt` was saved from, with its network rebuilt from the architecture stored in it.
+
+    Checkpoints written before that record existed are teacher checkpoints; `teacher_config` gives their shape.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    meta = ckpt.get("tmd_lightning")
+    if meta is None:
+        if teacher_config is None:
+            raise ValueError(f"{path} records no architecture; pass the teacher's transformer_config")
+        meta = {"stage": "tmd_lightning.stages.teacher.TeacherStage", "network_attr": "transformer",
+                "network_class": "WanTransformer3DModel", "network_config": dict(teacher_config)}
+    network = NETWORK_CLASSES[meta["network_class"]].from_config(meta["network_config"])
+    stage_cls = _import(meta["stage"])
+    return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, codec=codec,
+                                          text_encoder=text_encoder, **{meta["network_attr"]: network})
+
+
+def pretrained_class(folder: str | Path) -> tuple[str, Path]:
+    """(`_class_name`, model folder) of a diffusers folder, looking in `transformer/` too (a pipeline layout)."""
+    folder = Path(folder)
+    for candidate in (folder, folder / "transformer"):
+        if (candidate / "config.json").is_file():
+            return json.loads((candidate / "config.json").read_text()).get("_class_name", ""), candidate
+    raise FileNotFoundError(f"no config.json in {folder} or {folder / 'transformer'}: not a diffusers model folder")
+
+
+def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn.Module,
+                          negative_prompt: str = "", **student_defaults: Any) -> VideoStage:
+    """A sampling-only stage around a diffusers folder: a TMD student (`StudentStage`) or a Wan teacher."""
+    class_name, model_dir = pretrained_class(folder)
+    if class_name == "TMDTransformer":
+        student = TMDTransformer.from_pretrained(str(model_dir), local_files_only=True)
+        return StudentStage(student, codec, text_encoder, negative_prompt, **student_defaults)
+    if class_name != "WanTransformer3DModel":
+        raise ValueError(f"{model_dir} holds a {class_name!r}; expected WanTransformer3DModel or TMDTransformer")
+    transformer = WanTransformer3DModel.from_pretrained(str(model_dir), local_files_only=True)
+    return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=negative_prompt)
