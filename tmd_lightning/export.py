@@ -1,9 +1,9 @@
 """Entry point: `python -m tmd_lightning.export CHECKPOINT [OUT] [--no-ema]`.
 
-Writes the trained network (teacher transformer or TMD student) of a stage checkpoint as a diffusers folder (`config.json` + safetensors) that
-`from_pretrained`, `load_transformer` and `python -m tmd_lightning.sample checkpoint=OUT` load. Uses the EMA weights
-stored in the checkpoint when there are any. Runs that finish export by themselves (`export/` in the run folder);
-this is for a run that was stopped early, or for any intermediate checkpoint.
+Writes the trained network (teacher transformer or TMD student) of a stage checkpoint as a diffusers folder
+(`config.json` + safetensors) that `from_pretrained` and `python -m tmd_lightning.sample checkpoint=OUT` load. Uses
+the EMA weights stored in the checkpoint when there are any. Runs that finish export by themselves (`export/` in
+the run folder); this is for a run that was stopped early, or for any intermediate checkpoint.
 """
 
 from __future__ import annotations

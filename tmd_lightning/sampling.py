@@ -94,7 +94,8 @@ def student_grids(M: int, N: int, gamma: float = 10.0, t_max: float = 0.999) -> 
 
 @torch.no_grad()
 def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor, M: int = 2, N: int = 2,
-               gamma: float = 10.0, t_max: float = 0.999, inner_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+               gamma: float = 10.0, t_max: float = 0.999,
+               inner_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Algorithm 1: for i = M .. 1, `m = backbone(x, t_i, c)`, `x <- x - (t_i - t_{i-1}) InnerFlow(m)`.
 
     One backbone pass and N head passes per outer step, no CFG. `inner_noise[i - 1]` is the fresh `y1` of outer

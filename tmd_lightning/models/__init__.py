@@ -5,5 +5,5 @@ from tmd_lightning.models.text_encoders import TextEncoder, build_toy_text_encod
 from tmd_lightning.models.tmd import BackboneOutput, TMDTransformer, build_student
 from tmd_lightning.models.transformer import TOY_MODEL_DIR, load_transformer
 
-__all__ = ["TOY_MODEL_DIR", "BackboneOutput", "Codec", "TMDTransformer", "build_student", "PixelCodec", "TextEncoder", "WanVAECodec", "build_toy_text_encoder",
-           "load_transformer"]
+__all__ = ["TOY_MODEL_DIR", "BackboneOutput", "Codec", "PixelCodec", "TMDTransformer", "TextEncoder", "WanVAECodec",
+           "build_student", "build_toy_text_encoder", "load_transformer"]
