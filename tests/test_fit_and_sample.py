@@ -105,3 +105,50 @@ def test_export_checkpoint_writes_the_ema_weights(teacher_run: Path, tmp_path: P
     final = WanTransformer3DModel.from_pretrained(str(ckpt.parent.parent / "export" / "transformer"))
     for (name, a), (_, b) in zip(loaded.named_parameters(), final.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.fixture(scope="module")
+def adapt_head_run(teacher_run: Path) -> Path:
+    """Stage 1 from the tiny teacher above (H = 1 of its 2 blocks), as `experiment=adapt_head` runs it."""
+    teacher = teacher_run / "logs" / "teacher" / "latest" / "export" / "transformer"
+    _run("tmd_lightning.fit", "experiment=adapt_head", f"stage.student.teacher={teacher}", "trainer.max_steps=6",
+         "trainer.val_check_interval=3", "callbacks.toy_eval.every_n_steps=3", "data.toy.videos_per_caption=1",
+         "data.toy.val_videos_per_caption=1", "data.batch_size=8", f"paths.root_dir={teacher_run}", cwd=teacher_run)
+    return teacher_run
+
+
+@pytest.mark.slow
+def test_adapt_head_fit_leaves_a_checkpoint_distill_finds(adapt_head_run: Path) -> None:
+    latest = adapt_head_run / "logs" / "adapt_head" / "latest"
+    ckpt = latest / "checkpoints" / "last.ckpt"
+    assert latest.is_symlink() and ckpt.is_file()
+    meta = torch.load(ckpt, map_location="cpu", weights_only=False)["tmd_lightning"]
+    assert meta["network_class"] == "TMDTransformer" and meta["network_config"]["head_blocks"] == 1
+    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/mse", "train/frac_flow_map", "val/loss", "toy/acc_joint", "toy/effective_nfe"):
+        assert tag in tags, tag
+    assert events.Scalars("toy/effective_nfe")[-1].value == pytest.approx(2 * (1 + 1 / 2))  # M2 N2 H1 of L2
+
+
+@pytest.mark.slow
+def test_sample_tmd_checkpoint_and_its_export_give_the_same_videos(adapt_head_run: Path) -> None:
+    ckpt = adapt_head_run / "logs" / "adapt_head" / "latest" / "checkpoints" / "last.ckpt"
+    export = adapt_head_run / "logs" / "adapt_head" / "latest" / "export" / "student"
+    args = ["prompts=[a red circle moving left,a blue square moving up]", "seeds=[0]", "sampler.M=1",
+            "sampler.N=2", f"paths.root_dir={adapt_head_run}"]
+    a = _run("tmd_lightning.sample", f"checkpoint={ckpt}", f"output_dir={adapt_head_run / 'tmd_ckpt'}", *args,
+             cwd=adapt_head_run)
+    _run("tmd_lightning.sample", f"checkpoint={export}", f"output_dir={adapt_head_run / 'tmd_export'}", *args,
+         cwd=adapt_head_run)
+    assert "effective NFE: 1.5 " in a.stdout  # M (1 + (N - 1) H / L) = 1 (1 + 1/2)
+    backend = get_backend("auto")
+    for name in ("00000_seed0.mp4", "00001_seed0.mp4"):
+        one = backend.read(adapt_head_run / "tmd_ckpt" / "videos" / name, 9)
+        two = backend.read(adapt_head_run / "tmd_export" / "videos" / name, 9)
+        assert (one == two).all()
+    bad = subprocess.run([sys.executable, "-m", "tmd_lightning.sample", f"checkpoint={export}", "sampler.steps=4",
+                          f"paths.root_dir={adapt_head_run}"], cwd=adapt_head_run, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert bad.returncode != 0 and "no sampler option(s) ['steps']" in bad.stderr
