@@ -56,3 +56,23 @@ def test_debug_fdr_runs_teacher_in_process(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "export" / "transformer" / "config.json").is_file()
     latest = tmp_path / "logs" / "teacher" / "latest"
     assert latest.is_symlink() and latest.resolve() == (tmp_path / "out").resolve()
+
+
+@pytest.mark.parametrize("model,head", [("wan2.1_t2v_1.3b", 5), ("wan2.1_t2v_14b", 5), ("toy", 1)])
+def test_adapt_head_composes_for_every_model(tmp_path: Path, model: str, head: int) -> None:
+    cfg = _compose(tmp_path, "experiment=adapt_head", f"model={model}", "model.pretrained=/somewhere/wan")
+    OmegaConf.resolve(cfg)
+    assert cfg.tmd.H == cfg.stage.student.head_blocks == head
+    assert cfg.stage.student.teacher == "/somewhere/wan" and cfg.stage.M == cfg.tmd.M == 2
+    assert cfg.stage.fd_delta == 5e-3 and cfg.stage.p_r_equals_s == 0.75 and cfg.stage.cfg_scale == 3.0
+    if model != "toy":
+        assert cfg.model.text_encoder.model_class == "UMT5EncoderModel" and "overexposed" in cfg.model.negative_prompt
+
+
+def test_debug_fdr_runs_adapt_head_in_process(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, "experiment=adapt_head", "debug=fdr", "data.toy.videos_per_caption=1",
+                   "data.toy.val_videos_per_caption=1", "data.batch_size=4")
+    result = run(cfg)
+    assert result["train/loss"] > 0
+    assert (tmp_path / "out" / "export" / "student" / "config.json").is_file()
+    assert (tmp_path / "logs" / "adapt_head" / "latest").is_symlink()
