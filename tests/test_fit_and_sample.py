@@ -112,6 +112,7 @@ def adapt_head_run(teacher_run: Path) -> Path:
     """Stage 1 from the tiny teacher above (H = 1 of its 2 blocks), as `experiment=adapt_head` runs it."""
     teacher = teacher_run / "logs" / "teacher" / "latest" / "export" / "transformer"
     _run("tmd_lightning.fit", "experiment=adapt_head", f"stage.student.teacher={teacher}", "trainer.max_steps=6",
+         "trainer.log_every_n_steps=1",
          "trainer.val_check_interval=3", "callbacks.toy_eval.every_n_steps=3", "data.toy.videos_per_caption=1",
          "data.toy.val_videos_per_caption=1", "data.batch_size=8", f"paths.root_dir={teacher_run}", cwd=teacher_run)
     return teacher_run

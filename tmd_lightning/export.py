@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from tmd_lightning.config import register_resolvers
 from tmd_lightning.models.transformer import load_transformer
-from tmd_lightning.stages.loading import NETWORK_CLASSES
+from tmd_lightning.stages.loading import network_from_record
 
 
 def _network(ckpt: dict, checkpoint: Path) -> tuple[torch.nn.Module, str]:
@@ -24,7 +24,7 @@ def _network(ckpt: dict, checkpoint: Path) -> tuple[torch.nn.Module, str]:
     architecture record, so theirs comes from the run's `config.yaml` (next to `checkpoints/`)."""
     meta = ckpt.get("tmd_lightning")
     if meta is not None:
-        return NETWORK_CLASSES[meta["network_class"]].from_config(meta["network_config"]), meta["network_attr"]
+        return network_from_record(meta), meta["network_attr"]
     config_path = checkpoint.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: export needs the run folder written by tmd_lightning.fit")

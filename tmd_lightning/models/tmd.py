@@ -175,7 +175,7 @@ class TMDTransformer(ModelMixin, ConfigMixin):
         wan_config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
         device = next(teacher.parameters()).device
         with torch.device("meta"):
-            student = cls(wan_config, head_blocks=head_blocks, fusion=fusion, **kwargs)
+            student = cls(wan_config=wan_config, head_blocks=head_blocks, fusion=fusion, **kwargs)
         student.to_empty(device=device)
         student.wan.load_state_dict(teacher.state_dict(), strict=True)
         for name, buffer in teacher.named_buffers():  # non-persistent (rope tables) are not in the state dict

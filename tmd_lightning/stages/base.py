@@ -97,7 +97,8 @@ class VideoStage(L.LightningModule):
         checkpoint["tmd_lightning"] = {"stage": f"{cls.__module__}.{cls.__qualname__}",
                                        "network_attr": self.network_attr,
                                        "network_class": type(self.network).__name__,
-                                       "network_config": dict(self.network.config)}
+                                       "network_config": {k: v for k, v in self.network.config.items()
+                                                          if not k.startswith("_")}}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """`hparams.optimizer` (a partial) over the network's trainable parameters, with an optional per-step

@@ -19,6 +19,12 @@ from tmd_lightning.stages.teacher import TeacherStage
 NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
 
 
+def network_from_record(meta: dict[str, Any]) -> nn.Module:
+    """A freshly built network from a checkpoint's architecture record (weights are loaded by the caller)."""
+    config = {k: v for k, v in meta["network_config"].items() if not k.startswith("_")}
+    return NETWORK_CLASSES[meta["network_class"]].from_config(config)
+
+
 def _import(path: str) -> type:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -37,7 +43,7 @@ def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.M
             raise ValueError(f"{path} records no architecture; pass the teacher's transformer_config")
         meta = {"stage": "tmd_lightning.stages.teacher.TeacherStage", "network_attr": "transformer",
                 "network_class": "WanTransformer3DModel", "network_config": dict(teacher_config)}
-    network = NETWORK_CLASSES[meta["network_class"]].from_config(meta["network_config"])
+    network = network_from_record(meta)
     stage_cls = _import(meta["stage"])
     return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, codec=codec,
                                           text_encoder=text_encoder, **{meta["network_attr"]: network})
