@@ -58,3 +58,42 @@ def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, c: float) -> tuple[t
     """`mean(e / sg(e + c))` with `e = ‖pred - target‖²` per sample (sum over elements); returns (loss, e)."""
     e = (pred.float() - target.float()).pow(2).flatten(1).sum(1)
     return (e / (e.detach() + c)).mean(), e.detach()
+
+
+def vsd_gradient(x_hat: torch.Tensor, g_fake: torch.Tensor, g_real: torch.Tensor,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """DMD's normalised score difference `(g_fake - g_real) / mean|x̂ - g_real|` per sample, in float32.
+
+    Non-finite values are an error, never silently zeroed.
+    """
+    x_hat, g_fake, g_real = x_hat.float(), g_fake.float(), g_real.float()
+    weight = (x_hat - g_real).abs().flatten(1).mean(1).clamp_min(eps).view(-1, *([1] * (x_hat.dim() - 1)))
+    grad = (g_fake - g_real) / weight
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError("non-finite VSD gradient (g_fake - g_real) / mean|x_hat - g_real|")
+    return grad
+
+
+def vsd_loss(x_hat: torch.Tensor, grad: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """`‖x̂ - sg(x̂ - grad)‖²`: its gradient w.r.t. x̂ is `2 grad` (sum) or `2 grad / numel` (mean).
+
+    "mean" averages over elements and batch (as DMD2's code); "sum" sums per sample and averages over the batch.
+    """
+    diff = (x_hat.float() - (x_hat.float() - grad).detach()).pow(2)
+    if reduction == "mean":
+        return diff.mean()
+    if reduction == "sum":
+        return diff.flatten(1).sum(1).mean()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def gan_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Non-saturating generator loss `softplus(-D(fake))`, averaged over patches and heads."""
+    return torch.stack([torch.nn.functional.softplus(-lg.float()).mean() for lg in fake_logits]).mean()
+
+
+def gan_discriminator_loss(fake_logits: list[torch.Tensor], real_logits: list[torch.Tensor]) -> torch.Tensor:
+    """`softplus(D(fake)) + softplus(-D(real))`, averaged over patches and heads."""
+    sp = torch.nn.functional.softplus
+    return torch.stack([sp(f.float()).mean() + sp(-r.float()).mean()
+                        for f, r in zip(fake_logits, real_logits, strict=True)]).mean()

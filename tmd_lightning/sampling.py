@@ -110,3 +110,15 @@ def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor
         y1 = torch.randn_like(x) if inner_noise is None else inner_noise[i - 1].to(x)
         x = x - float(outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
     return x
+
+
+@torch.no_grad()
+def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """DMD2-v's deterministic multi-step sampler: `x_{t_{i-1}} = (1 - t_{i-1}/t_i) g + (t_{i-1}/t_i) x_{t_i}` with
+    `g = x_{t_i} - t_i v` (the student's x0), from t_M = grid[-1] to 0."""
+    x = noise
+    for i in range(len(grid) - 1, 0, -1):
+        t, t_prev = float(grid[i]), float(grid[i - 1])
+        g = x - t * velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).to(x.dtype)
+        x = (1 - t_prev / t) * g + (t_prev / t) * x
+    return x

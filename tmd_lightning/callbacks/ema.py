@@ -16,11 +16,14 @@ import torch
 
 
 class EMA(L.Callback):
-    """EMA of `pl_module.<target>`'s parameters with `decay`, updated every optimizer step after `start_step`."""
+    """EMA of `pl_module.<target>`'s parameters with `decay`, updated every optimizer step after `start_step`.
+
+    `enabled=False` keeps the callback configured but inert (distill's student EMA is off by default).
+    """
 
     def __init__(self, decay: float = 0.999, target: str = "transformer", start_step: int = 0,
-                 use_for_validation: bool = True) -> None:
-        self.decay, self.target, self.start_step = decay, target, start_step
+                 use_for_validation: bool = True, enabled: bool = True) -> None:
+        self.decay, self.target, self.start_step, self.enabled = decay, target, start_step, enabled
         self.use_for_validation = use_for_validation
         self.shadow: dict[str, torch.Tensor] = {}
         self._backup: dict[str, torch.Tensor] = {}
@@ -30,6 +33,8 @@ class EMA(L.Callback):
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled:
+            return
         params = self._params(pl_module)
         if not self.shadow:
             self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
@@ -37,6 +42,8 @@ class EMA(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.enabled or not getattr(pl_module, "ema_update_due", True):
+            return  # disabled, or a stage (distill) says this batch did not change the target (a critic step)
         step = trainer.global_step
         params = self._params(pl_module)
         if step <= self.start_step:
@@ -86,4 +93,5 @@ class EMA(L.Callback):
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    """The trainer's enabled EMA callback, if any."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA) and cb.enabled), None)

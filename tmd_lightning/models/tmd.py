@@ -23,6 +23,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
+from tmd_lightning.models.wan_parts import embed, output_head, run_blocks
+
 FUSIONS = ("gated", "concat")
 
 
@@ -188,32 +190,16 @@ class TMDTransformer(ModelMixin, ConfigMixin):
         return student
 
     # -- the two halves -------------------------------------------------------------------------------------------
-    def _run_blocks(self, blocks: nn.ModuleList, hidden: torch.Tensor, text: torch.Tensor,
-                    modulation: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        checkpointing = torch.is_grad_enabled() and self.wan.gradient_checkpointing
-        for block in blocks:
-            if checkpointing:
-                hidden = self.wan._gradient_checkpointing_func(block, hidden, text, modulation, rotary)
-            else:
-                hidden = block(hidden, text, modulation, rotary)
-        return hidden
-
     def backbone(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                  encoder_hidden_states: torch.Tensor) -> BackboneOutput:
         """`m_θ(x_t, t, c)`: patch + text/time embedding (Wan timestep 1000 t) + blocks 0 .. L-H-1.
 
         `timestep` is the outer t in [0, 1], one per row.
         """
-        wan = self.wan
-        _, _, frames, height, width = hidden_states.shape
-        p_t, p_h, p_w = wan.config.patch_size
-        rotary = wan.rope(hidden_states)
-        hidden = wan.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        _, modulation, text, _ = wan.condition_embedder(timestep * 1000.0, encoder_hidden_states)
-        modulation = modulation.unflatten(1, (6, -1))
-        hidden = self._run_blocks(wan.blocks[: self.num_layers - self.head_blocks], hidden, text, modulation, rotary)
-        return BackboneOutput(hidden, text, rotary, (frames // p_t, height // p_h, width // p_w),
-                              encoder_hidden_states)
+        inputs = embed(self.wan, hidden_states, timestep, encoder_hidden_states)
+        hidden = run_blocks(self.wan, self.wan.blocks[: self.num_layers - self.head_blocks], inputs.hidden_states,
+                            inputs.text, inputs.modulation, inputs.rotary_emb)
+        return BackboneOutput(hidden, inputs.text, inputs.rotary_emb, inputs.grid, encoder_hidden_states)
 
     def head_embedding(self, s: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`e = time_embedder(sin(1000 s)) + Δ_embedder(sin(1000 (s - r)))`, shape (B, D)."""
@@ -235,18 +221,12 @@ class TMDTransformer(ModelMixin, ConfigMixin):
             text = m.text
         else:
             text = wan.condition_embedder.text_embedder(encoder_hidden_states)
-        batch = sample.shape[0]
         e = self.head_embedding(s, r, text.dtype)
         modulation = wan.condition_embedder.time_proj(wan.condition_embedder.act_fn(e)).unflatten(1, (6, -1))
         h = wan.patch_embedding(sample).flatten(2).transpose(1, 2)
         z = self.inner_fusion(m.hidden_states, h, modulation)
-        z = self._run_blocks(wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
-        shift, scale = (wan.scale_shift_table + e.unsqueeze(1)).chunk(2, dim=1)
-        z = (wan.norm_out(z.float()) * (1 + scale) + shift).type_as(z)
-        z = wan.proj_out(z)
-        (f, hh, ww), (p_t, p_h, p_w) = m.grid, wan.config.patch_size
-        z = z.reshape(batch, f, hh, ww, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return z.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        z = run_blocks(wan, wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
+        return output_head(wan, z, e, m.grid)
 
     # -- flow-map algebra (§3) -------------------------------------------------------------------------------------
     def average_velocity(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,

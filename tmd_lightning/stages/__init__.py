@@ -2,7 +2,9 @@
 
 from tmd_lightning.stages.adapt_head import AdaptHeadStage
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.student import StudentStage
+from tmd_lightning.stages.distill import DistillStage, DMD2Stage, TMDDistillStage
+from tmd_lightning.stages.student import FewStepWanStage, StudentStage
 from tmd_lightning.stages.teacher import TeacherStage
 
-__all__ = ["AdaptHeadStage", "StudentStage", "TeacherStage", "VideoStage"]
+__all__ = ["AdaptHeadStage", "DMD2Stage", "DistillStage", "FewStepWanStage", "StudentStage", "TMDDistillStage",
+           "TeacherStage", "VideoStage"]

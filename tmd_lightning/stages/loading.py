@@ -44,6 +44,13 @@ def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.M
         meta = {"stage": "tmd_lightning.stages.teacher.TeacherStage", "network_attr": "transformer",
                 "network_class": "WanTransformer3DModel", "network_config": dict(teacher_config)}
     network = network_from_record(meta)
+    if meta.get("sampling_stage"):  # a distillation checkpoint: the student alone, without teacher and critics
+        prefix = meta["network_attr"] + "."
+        network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+        defaults = dict(meta["sampler_defaults"])
+        defaults["grid_gamma"] = defaults.pop("gamma")
+        return _import(meta["sampling_stage"])(network, codec, text_encoder,
+                                               ckpt["hyper_parameters"].get("negative_prompt", ""), **defaults)
     stage_cls = _import(meta["stage"])
     return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, codec=codec,
                                           text_encoder=text_encoder, **{meta["network_attr"]: network})
@@ -69,3 +76,19 @@ def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn
         raise ValueError(f"{model_dir} holds a {class_name!r}; expected WanTransformer3DModel or TMDTransformer")
     transformer = WanTransformer3DModel.from_pretrained(str(model_dir), local_files_only=True)
     return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=negative_prompt)
+
+
+def load_student(checkpoint: str | Path) -> nn.Module:
+    """The student of a stage checkpoint (Stage 1 for `experiment=distill`), with a clear error when it is missing."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no student checkpoint at {path}: run `python -m tmd_lightning.fit "
+                                "experiment=adapt_head` first, or set stage.student.checkpoint=PATH")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    meta = ckpt.get("tmd_lightning")
+    if meta is None or meta["network_attr"] != "student":
+        raise ValueError(f"{path} is not a student checkpoint (adapt_head or distill)")
+    student = network_from_record(meta)
+    student.load_state_dict({k[len("student."):]: v for k, v in ckpt["state_dict"].items()
+                             if k.startswith("student.")})
+    return student

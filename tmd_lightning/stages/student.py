@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tmd_lightning.sampling import effective_nfe, student_grids, tmd_sample
+from tmd_lightning.sampling import dmd2_sample, effective_nfe, student_grids, time_grid, tmd_sample
 from tmd_lightning.stages.base import VideoStage
 
 
@@ -45,3 +45,37 @@ class StudentStage(VideoStage):
     def sampler_nfe(self, **sampler: Any) -> float:
         opts = self.sampler_options(**sampler)
         return effective_nfe(opts["M"], opts["N"], self.student.head_blocks, self.student.num_layers)
+
+
+class FewStepWanStage(VideoStage):
+    """A distilled full Wan model (the DMD2-v student) with DMD2-v's deterministic M-step sampler (§5).
+
+    Args:
+        student: the `WanTransformer3DModel`.
+        M: sampler steps; grid_gamma: the student grid's shift (10 for 2 steps, 5 for 3-4); t_max: its last point.
+    """
+
+    network_attr = "student"
+
+    def __init__(self, student: nn.Module, codec: nn.Module, text_encoder: nn.Module, negative_prompt: str = "",
+                 M: int = 2, grid_gamma: float = 10.0, t_max: float = 0.999) -> None:
+        super().__init__(codec, text_encoder, negative_prompt)
+        self.student = student
+        self.sampler_defaults = dict(M=M, gamma=grid_gamma, t_max=t_max)
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
+                       **sampler: Any) -> torch.Tensor:
+        opts = self.sampler_options(**sampler)
+        return few_step_wan_sample(self.student, noise, text, opts["M"], opts["gamma"], opts["t_max"])
+
+    def sampler_nfe(self, **sampler: Any) -> float:
+        return effective_nfe(self.sampler_options(**sampler)["M"])
+
+
+def few_step_wan_sample(student: nn.Module, noise: torch.Tensor, text: torch.Tensor, M: int, gamma: float,
+                        t_max: float) -> torch.Tensor:
+    """`dmd2_sample` with a Wan transformer as the velocity model (timestep 1000 t)."""
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return student(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
+
+    return dmd2_sample(velocity, noise, time_grid(M, gamma, t_max).to(noise.device))

@@ -1,0 +1,331 @@
+"""Stage 2 (distill): DMD2-v distribution matching with the flow head unrolled, and the DMD2-v baseline (§5).
+
+Four networks: the student (trained), the frozen teacher (never trained, never in checkpoints), the fake score
+(teacher architecture and init, trained on the student's samples) and the discriminator (Conv3D heads on
+frozen-teacher features). Manual optimisation with exclusive iterations (TTUR): iteration i updates the student
+when `i % student_every == 0` and the critics (fake score + discriminator) otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
+from tmd_lightning.models.wan_parts import block_features
+from tmd_lightning.sampling import effective_nfe, shift, time_grid, tmd_sample
+from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.student import few_step_wan_sample
+
+log = logging.getLogger(__name__)
+
+X_HAT = ("eps_minus_y", "x_minus_ty")
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1, 1)
+
+
+class DistillStage(VideoStage):
+    """What TMD and DMD2-v distillation share; subclasses define the student's one-step sample and sampler.
+
+    Args:
+        student: the network being distilled (a `TMDTransformer`, or a Wan transformer for DMD2-v).
+        teacher: the frozen Wan teacher; held in bf16 on GPU (`teacher_dtype`), float32 on CPU.
+        discriminator: a partial of `Discriminator` completed with the teacher's width; None disables the GAN.
+        optimizer: a partial optimizer used for each trainable network (AdamW lr 1e-5 in the paper).
+        M: outer student steps; grid_gamma / t_max: the student grid.
+        cfg_scale: the teacher's guidance in the VSD target, `v_neg + w (v_cond - v_neg)`.
+        dmd_shift, dmd_t_min, dmd_t_max: the VSD / critic time `t = shift(U(t_min, t_max), dmd_shift)`.
+        gan_weight: λ in `L_vsd + λ L_gan`; use_gan: the "no GAN" ablation when False.
+        student_every: TTUR period (5: one student iteration, then four critic iterations).
+        vsd_reduction: "mean" over all elements (DMD2's code; λ = 0.03 is relative to it) or "sum" per sample.
+        grad_clip: max gradient norm per network (None: no clipping; norms are logged either way).
+        max_iterations: stop after this many iterations (None: let the trainer decide).
+    """
+
+    network_attr = "student"
+    sampling_stage = ""  # the class `sample` rebuilds around the student alone (no teacher, no critics)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, codec: nn.Module, text_encoder: nn.Module,
+                 optimizer: partial | None, discriminator: partial | nn.Module | None = None,
+                 negative_prompt: str = "", M: int = 2, grid_gamma: float = 10.0, t_max: float = 0.999,
+                 cfg_scale: float = 5.0, dmd_shift: float = 5.0, dmd_t_min: float = 0.001, dmd_t_max: float = 0.999,
+                 gan_weight: float = 0.03, use_gan: bool = True, student_every: int = 5,
+                 vsd_reduction: str = "mean", grad_clip: float | None = 1.0, teacher_dtype: str = "bfloat16",
+                 max_iterations: int | None = None) -> None:
+        super().__init__(codec, text_encoder, negative_prompt)
+        self.save_hyperparameters(ignore=["student", "teacher", "codec", "text_encoder", "discriminator"],
+                                  logger=False)
+        self.automatic_optimization = False
+        self.student = student
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
+        dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+        if use_gan and discriminator is None:
+            raise ValueError("use_gan=True needs a discriminator")
+        self.discriminator = (discriminator(dim=dim) if isinstance(discriminator, partial) else discriminator) \
+            if use_gan else None
+        if vsd_reduction not in ("mean", "sum"):
+            raise ValueError(f"vsd_reduction must be 'mean' or 'sum', got {vsd_reduction!r}")
+        self.register_buffer("outer_grid", time_grid(M, grid_gamma, t_max).float(), persistent=False)
+        self.iteration = 0
+        self.ema_update_due = False  # read by the EMA callback: only student iterations change the student
+
+    # -- what subclasses provide -----------------------------------------------------------------------------------
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The student's clean sample x̂ from the noised data `x_t` at outer time t (gradients flow)."""
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.device.type == "cuda" and self.hparams.teacher_dtype:
+            self.teacher.to(getattr(torch, self.hparams.teacher_dtype))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+        checkpoint["distill"] = {"iteration": self.iteration, "rng": _rng_state()}
+        checkpoint["tmd_lightning"] |= {"sampling_stage": self.sampling_stage,
+                                        "sampler_defaults": dict(self.sampler_defaults)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get("distill")
+        if record is not None:
+            self.iteration = int(record["iteration"])
+            _set_rng_state(record["rng"])
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimizer per trainable network: [student, fake score(, discriminator)]."""
+        nets = [self.student, self.fake_score] + ([self.discriminator] if self.discriminator is not None else [])
+        return [self.hparams.optimizer(params=[p for p in net.parameters() if p.requires_grad]) for net in nets]
+
+    # -- shared pieces -------------------------------------------------------------------------------------------------
+    def sample_from_data(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x̂: noise the data to a random outer-grid time t_i and let the student map it to a clean sample."""
+        b, M = x.shape[0], self.hparams.M
+        t = self.outer_grid[torch.randint(1, M + 1, (b,), device=x.device)]
+        eps = torch.randn_like(x)
+        x_t = (1 - _rows(t)) * x + _rows(t) * eps
+        return self.student_x0(x_t, t, eps, text)
+
+    def dmd_time(self, b: int) -> torch.Tensor:
+        h = self.hparams
+        return shift(torch.rand(b, device=self.device) * (h.dmd_t_max - h.dmd_t_min) + h.dmd_t_min, h.dmd_shift)
+
+    def wan_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        dtype = next(net.parameters()).dtype
+        v = net(x_t.to(dtype), timestep=t * 1000.0, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+        return v.float()
+
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """g_real: the teacher's x0 with CFG, the pair as one batched forward."""
+        w = self.hparams.cfg_scale
+        if w == 1.0:
+            v = self.wan_velocity(self.teacher, x_t, t, text)
+        else:
+            v_cond, v_neg = self.wan_velocity(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                              torch.cat([text, neg])).chunk(2)
+            v = v_neg + w * (v_cond - v_neg)
+        return x_t - _rows(t) * v
+
+    def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
+        dtype = next(self.teacher.parameters()).dtype
+        return block_features(self.teacher, x_t.to(dtype), t, text.to(dtype), self.discriminator.feature_blocks)
+
+    def ensure_finite(self, name: str, value: torch.Tensor) -> None:
+        """A NaN/inf stops the run with a message naming it, after saving the last good state."""
+        if torch.isfinite(value).all():
+            return
+        path = None
+        if self._trainer is not None:
+            callback = self.trainer.checkpoint_callback
+            folder = Path(callback.dirpath) if callback is not None and callback.dirpath else \
+                Path(self.trainer.default_root_dir)
+            path = folder / f"last_good_before_iteration{self.iteration:06d}.ckpt"
+            self.trainer.save_checkpoint(path)
+        raise FloatingPointError(f"non-finite {name} at iteration {self.iteration}"
+                                 + (f"; the last good state is saved in {path}" if path else ""))
+
+    def _step(self, optimizer: torch.optim.Optimizer, net: nn.Module, name: str) -> None:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
+                                              self.hparams.grad_clip or float("inf"))
+        self.log(f"grad_norm/{name}", norm, batch_size=1)
+        optimizer.step()
+
+    # -- the two kinds of iteration ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x, text = self.encode_batch(batch)
+        neg = self.negative_embedding(x.shape[0])
+        optimizers = self.optimizers()
+        student_turn = self.iteration % self.hparams.student_every == 0
+        if student_turn:
+            self.student_iteration(x, text, neg, optimizers[0])
+        else:
+            self.critic_iteration(x, text, optimizers[1], optimizers[2] if len(optimizers) > 2 else None)
+        self.ema_update_due = student_turn
+        self.iteration += 1
+        self.log("train/phase_student", float(student_turn), batch_size=x.shape[0])
+        self.log("train/iteration", float(self.iteration), batch_size=x.shape[0])
+        if self.hparams.max_iterations is not None and self.iteration >= self.hparams.max_iterations:
+            self.trainer.should_stop = True
+
+    def student_iteration(self, x: torch.Tensor, text: torch.Tensor, neg: torch.Tensor,
+                          optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """`L_vsd + λ L_gan`; both reach the student only through x̂, so their x̂-gradients are formed separately
+        (their norms logged) and sent back through the student in one backward."""
+        h, b = self.hparams, x.shape[0]
+        x_hat = self.sample_from_data(x, text)
+        t = self.dmd_time(b)
+        x_hat_t = (1 - _rows(t)) * x_hat + _rows(t) * torch.randn_like(x_hat)
+        with torch.no_grad():
+            g_fake = x_hat_t - _rows(t) * self.wan_velocity(self.fake_score, x_hat_t, t, text)
+            g_real = self.teacher_x0(x_hat_t, t, text, neg)
+        self.ensure_finite("g_fake", g_fake)
+        self.ensure_finite("g_real", g_real)
+        loss_vsd = vsd_loss(x_hat, vsd_gradient(x_hat.detach(), g_fake, g_real), h.vsd_reduction)
+        self.ensure_finite("loss_vsd", loss_vsd)
+        (grad_x,) = torch.autograd.grad(loss_vsd, x_hat, retain_graph=True)
+        stats = {"loss_vsd": loss_vsd.detach(), "grad_norm_x_hat_vsd": grad_x.norm()}
+        if self.discriminator is not None:
+            logits = self.discriminator(self.teacher_features(x_hat_t, t, text))  # backprop stops at the last block
+            loss_gan = gan_generator_loss(logits)
+            self.ensure_finite("loss_gan_generator", loss_gan)
+            (grad_gan,) = torch.autograd.grad(h.gan_weight * loss_gan, x_hat, retain_graph=True)
+            stats |= {"loss_gan_generator": loss_gan.detach(), "grad_norm_x_hat_gan": grad_gan.norm(),
+                      "grad_ratio_gan_vsd": grad_gan.norm() / grad_x.norm().clamp_min(1e-12)}
+            grad_x = grad_x + grad_gan
+            stats["loss_student"] = loss_vsd.detach() + h.gan_weight * loss_gan.detach()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(x_hat, gradient=grad_x.to(x_hat.dtype))
+        self._step(optimizer, self.student, "student")
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=b)
+        return stats
+
+    def critic_iteration(self, x: torch.Tensor, text: torch.Tensor, opt_fake: torch.optim.Optimizer,
+                         opt_disc: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+        """Fake-score flow matching on detached student samples; the discriminator on fake vs noised real."""
+        b = x.shape[0]
+        with torch.no_grad():
+            x_hat = self.sample_from_data(x, text)
+        t = self.dmd_time(b)
+        eps = torch.randn_like(x_hat)
+        x_hat_t = (1 - _rows(t)) * x_hat + _rows(t) * eps
+        v_fake = self.wan_velocity(self.fake_score, x_hat_t, t, text)
+        loss_fake = (v_fake - (eps - x_hat)).pow(2).mean()
+        self.ensure_finite("loss_fake_score", loss_fake)
+        stats = {"loss_fake_score": loss_fake.detach()}
+        loss = loss_fake
+        if self.discriminator is not None:
+            x_t_real = (1 - _rows(t)) * x + _rows(t) * torch.randn_like(x)
+            with torch.no_grad():  # one batched teacher pass for both branches
+                features = self.teacher_features(torch.cat([x_hat_t, x_t_real]), torch.cat([t, t]),
+                                                 torch.cat([text, text]))
+            logits = self.discriminator(features)
+            fake_logits, real_logits = zip(*(lg.chunk(2) for lg in logits), strict=True)
+            loss_disc = gan_discriminator_loss(list(fake_logits), list(real_logits))
+            self.ensure_finite("loss_discriminator", loss_disc)
+            loss = loss + loss_disc
+            stats |= {"loss_discriminator": loss_disc.detach(),
+                      "disc_acc_real": torch.stack([(lg > 0).float().mean() for lg in real_logits]).mean(),
+                      "disc_acc_fake": torch.stack([(lg < 0).float().mean() for lg in fake_logits]).mean()}
+        opt_fake.zero_grad(set_to_none=True)
+        if opt_disc is not None:
+            opt_disc.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._step(opt_fake, self.fake_score, "fake_score")
+        if opt_disc is not None:
+            self._step(opt_disc, self.discriminator, "discriminator")
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=b)
+        return stats
+
+
+class TMDDistillStage(DistillStage):
+    """TMD Stage 2: x̂ = ε - InnerFlow(m_θ(x_ti, t_i)) with gradients through all N inner steps.
+
+    Args:
+        N: inner flow-head steps.
+        rollout: False detaches the graph between inner steps (the paper's "no rollout" ablation).
+        x_hat: "eps_minus_y" (x̂ = ε - ŷ, default) or "x_minus_ty" (x̂ = x_ti - t_i ŷ).
+    """
+
+    sampling_stage = "tmd_lightning.stages.student.StudentStage"
+
+    def __init__(self, *args: Any, N: int = 2, rollout: bool = True, x_hat: str = "eps_minus_y",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if x_hat not in X_HAT:
+            raise ValueError(f"x_hat must be one of {X_HAT}, got {x_hat!r}")
+        self.save_hyperparameters("N", "rollout", "x_hat", logger=False)
+        h = self.hparams
+        self.register_buffer("inner_grid", time_grid(N, h.grid_gamma, h.t_max).float(), persistent=False)
+        self.sampler_defaults = dict(M=h.M, N=N, gamma=h.grid_gamma, t_max=h.t_max)
+
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        m = self.student.backbone(x_t, t, text)
+        y_hat = self.student.inner_flow(m, self.inner_grid, torch.randn_like(x_t),
+                                        detach_steps=not self.hparams.rollout)
+        return eps - y_hat if self.hparams.x_hat == "eps_minus_y" else x_t - _rows(t) * y_hat
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
+                       **sampler: Any) -> torch.Tensor:
+        opts = self.sampler_options(**sampler)
+        inner = None if seeds is None else [self.initial_noise(seeds, tuple(noise.shape[1:]), stream=i)
+                                            for i in range(1, opts["M"] + 1)]
+        return tmd_sample(self.student, noise, text, opts["M"], opts["N"], opts["gamma"], opts["t_max"], inner)
+
+    def sampler_nfe(self, **sampler: Any) -> float:
+        opts = self.sampler_options(**sampler)
+        return effective_nfe(opts["M"], opts["N"], self.student.head_blocks, self.student.num_layers)
+
+
+class DMD2Stage(DistillStage):
+    """The DMD2-v baseline: no flow head; the student is the full Wan model and x̂ = g(x_ti, t_i) = x_ti - t_i v."""
+
+    sampling_stage = "tmd_lightning.stages.student.FewStepWanStage"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        h = self.hparams
+        self.sampler_defaults = dict(M=h.M, gamma=h.grid_gamma, t_max=h.t_max)
+
+    def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return x_t - _rows(t) * self.wan_velocity(self.student, x_t, t, text)
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
+                       **sampler: Any) -> torch.Tensor:
+        opts = self.sampler_options(**sampler)
+        return few_step_wan_sample(self.student, noise, text, opts["M"], opts["gamma"], opts["t_max"])
+
+    def sampler_nfe(self, **sampler: Any) -> float:
+        return effective_nfe(self.sampler_options(**sampler)["M"])
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
