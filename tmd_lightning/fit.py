@@ -56,7 +56,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
         latest = _link_latest(output_dir, stage_dir)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # our checkpoints carry their hyperparameters (optimizer partials), which torch's weights_only loader rejects;
+    # `ckpt_path` is a file the user chose to resume from
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
