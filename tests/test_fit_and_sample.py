@@ -153,3 +153,51 @@ def test_sample_tmd_checkpoint_and_its_export_give_the_same_videos(adapt_head_ru
                           f"paths.root_dir={adapt_head_run}"], cwd=adapt_head_run, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert bad.returncode != 0 and "no sampler option(s) ['steps']" in bad.stderr
+
+
+def _distill(run: Path, experiment: str, *extra: str) -> Path:
+    teacher = run / "logs" / "teacher" / "latest" / "export" / "transformer"
+    _run("tmd_lightning.fit", f"experiment={experiment}", f"stage.teacher.pretrained={teacher}",
+         "model.disc_blocks=[0,1]", "stage.max_iterations=7", "trainer.log_every_n_steps=1",
+         "callbacks.toy_eval.every_n_steps=6", "data.toy.videos_per_caption=1", "data.toy.val_videos_per_caption=1",
+         "data.batch_size=4", f"paths.root_dir={run}", *extra, cwd=run)
+    return run / "logs" / experiment / "latest"
+
+
+@pytest.mark.slow
+def test_distill_finds_stage1_logs_everything_and_exports(adapt_head_run: Path) -> None:
+    latest = _distill(adapt_head_run, "distill", "callbacks.ema.enabled=true")
+    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss_vsd", "train/loss_gan_generator", "train/loss_student", "train/loss_fake_score",
+                "train/loss_discriminator", "train/grad_ratio_gan_vsd", "train/disc_acc_real", "train/disc_acc_fake",
+                "grad_norm/student", "grad_norm/fake_score", "grad_norm/discriminator", "train/phase_student",
+                "toy/acc_joint"}
+    assert expected <= tags, expected - tags
+    assert any(t.startswith("lr-AdamW") for t in tags)
+    phases = [e.value for e in events.Scalars("train/phase_student")]
+    assert phases[:6] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    ckpt = torch.load(latest / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert ckpt["distill"]["iteration"] == 7
+    ema = next(s for k, s in ckpt["callbacks"].items() if k.startswith("EMA"))
+    from tmd_lightning.models import TMDTransformer
+
+    exported = TMDTransformer.from_pretrained(str(latest / "export" / "student"))
+    for name, param in exported.named_parameters():  # the export is the student's EMA
+        torch.testing.assert_close(param.detach(), ema["shadow"][name])
+    proc = _run("tmd_lightning.sample", f"checkpoint={latest / 'export' / 'student'}", "prompts=[a red circle "
+                "moving left]", "seeds=[0]", f"output_dir={adapt_head_run / 'distilled'}",
+                f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
+    assert "effective NFE: 3 " in proc.stdout  # M2 N2, H1 of L2
+
+
+@pytest.mark.slow
+def test_distill_dmd2_runs_and_samples(adapt_head_run: Path) -> None:
+    teacher = adapt_head_run / "logs" / "teacher" / "latest" / "export" / "transformer"
+    latest = _distill(adapt_head_run, "distill_dmd2", f"stage.student.pretrained={teacher}")
+    proc = _run("tmd_lightning.sample", f"checkpoint={latest / 'checkpoints' / 'last.ckpt'}",
+                "prompts=[a red circle moving left]", "seeds=[0]", "sampler.M=3",
+                f"output_dir={adapt_head_run / 'dmd2'}", f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
+    assert "effective NFE: 3 " in proc.stdout
