@@ -1,12 +1,13 @@
 """Toy-world quality against cost: joint accuracy, toy-FD, effective NFE and seconds per video for the teacher's
 samplers and a TMD student's, on the same 48 prompts x 4 seeds (the numbers in the README's tables).
 
-    python benchmarks/toy_quality.py                                   # teacher + logs/adapt_head/latest student
-    python benchmarks/toy_quality.py --student PATH                    # a Stage-1/2 checkpoint or export folder
-    python benchmarks/toy_quality.py --quick                           # 8 prompts x 1 seed, smoke run
+    python benchmarks/toy_quality.py                   # teacher + the latest adapt_head, distill, distill_dmd2
+    python benchmarks/toy_quality.py --model "mine=PATH"  # any student: a stage .ckpt or an exported folder
+    python benchmarks/toy_quality.py --quick              # 8 prompts x 1 seed, smoke run
 
-Rows: the teacher at 50 x 2 (Euler, CFG 5), the teacher at about the student's effective NFE (1 step with CFG and
-2 steps without: NFE 2; 2 steps with CFG: NFE 4), and the student's TMD sampler at several (M, N).
+Rows: the teacher at 50 x 2 (Euler, CFG 5), the teacher at about the students' effective NFE (1 step with CFG and
+2 steps without: NFE 2; 2 steps with CFG: NFE 4), then each student's sampler: TMD at several (M, N), DMD2-v at
+several M. Default students are the exports of the latest runs under logs/ (missing ones are skipped, said so).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from tmd_lightning.sample import toy_report  # noqa: E402
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage  # noqa: E402
 
 TEACHER_ROWS = [dict(steps=50, cfg=5.0), dict(steps=1, cfg=5.0), dict(steps=2, cfg=1.0), dict(steps=2, cfg=5.0)]
-STUDENT_ROWS = [dict(M=1, N=2), dict(M=2, N=2), dict(M=2, N=4), dict(M=4, N=2)]
+TMD_ROWS = [dict(M=1, N=2), dict(M=2, N=2), dict(M=2, N=4)]
+FEW_STEP_ROWS = [dict(M=1), dict(M=2), dict(M=4)]
+DEFAULT_MODELS = [f"{label}={ROOT / 'logs' / task / 'latest' / 'export' / 'student'}" for label, task in
+                  [("TMD, Stage 1 only", "adapt_head"), ("TMD (distill)", "distill"), ("DMD2-v", "distill_dmd2")]]
 
 
 def load(source: str | Path, text_encoder: TextEncoder):
@@ -54,9 +58,8 @@ def evaluate(stage, captions: list[str], seeds: list[int], reference: Path, batc
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(TOY_MODEL_DIR))
-    parser.add_argument("--student", default=str(ROOT / "logs" / "adapt_head" / "latest" / "export" / "student"),
-                        help="a TMD student: Stage-1/2 .ckpt or exported folder ('none' skips it)")
-    parser.add_argument("--label", default="TMD (Stage 1)", help="the student's name in the table")
+    parser.add_argument("--model", action="append", default=None, metavar="LABEL=PATH",
+                        help="a student to score (stage .ckpt or exported folder); repeatable")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
@@ -67,15 +70,24 @@ def main(argv: list[str] | None = None) -> None:
     text_encoder = TextEncoder.from_pretrained(TOY_MODEL_DIR, max_length=8, model_class="T5EncoderModel")
     rows = [("teacher", opts, evaluate(load(args.teacher, text_encoder), captions, seeds, reference,
                                        args.batch_size, **opts)) for opts in TEACHER_ROWS]
-    if args.student != "none":
-        student = load(args.student, text_encoder)
-        rows += [(args.label, opts, evaluate(student, captions, seeds, reference, args.batch_size, **opts))
-                 for opts in STUDENT_ROWS]
+    sources = []
+    for spec in args.model or DEFAULT_MODELS:
+        label, _, path = spec.partition("=")
+        if not Path(path).exists():
+            print(f"skipping {label}: {path} does not exist", file=sys.stderr)
+            continue
+        sources.append(f"{label}: {path}")
+        student = load(path, text_encoder)
+        grid = TMD_ROWS if "N" in student.sampler_defaults else FEW_STEP_ROWS
+        rows += [(label, opts, evaluate(student, captions, seeds, reference, args.batch_size, **opts))
+                 for opts in grid]
     base = rows[0][2]["seconds"]
     print(f"# toy quality vs cost{' (--quick)' if args.quick else ''}\n")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {platform.machine()}")
-    print(f"- teacher: {args.teacher}; student: {args.student}")
+    print(f"- teacher: {args.teacher}")
+    for source in sources:
+        print(f"- {source}")
     print(f"- {len(captions)} prompts x {len(seeds)} seeds; toy-FD against {rows[0][2]['toy_fd_real_count']} "
           "held-out real videos\n")
     print("| model | sampler | effective NFE | joint acc | colour | shape | direction | toy-FD | s/video | "
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, opts, r in rows:
         sampler = (f"Euler {opts['steps']} steps, CFG {opts['cfg']:g}" if "steps" in opts
-                   else f"TMD M={opts['M']}, N={opts['N']}")
+                   else f"TMD M={opts['M']}, N={opts['N']}" if "N" in opts else f"DMD2-v {opts['M']} steps")
         print(f"| {name} | {sampler} | {r['nfe']:.2f} | {r['acc_joint']:.3f} | {r['acc_colour']:.3f} | "
               f"{r['acc_shape']:.3f} | {r['acc_direction']:.3f} | {r['toy_fd']:.4f} | {r['seconds']:.4f} | "
               f"{base / r['seconds']:.0f}x |")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 FROZEN_PREFIXES = ("codec.", "text_encoder.")
+SAMPLING_RECORD = "sampling.json"  # next to an exported student: which sampling stage runs it, with which defaults
 
 
 class VideoStage(L.LightningModule):

@@ -9,6 +9,7 @@ when `i % student_every == 0` and the critics (fake score + discriminator) other
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 from functools import partial
@@ -22,7 +23,7 @@ from torch import nn
 from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
 from tmd_lightning.models.wan_parts import block_features
 from tmd_lightning.sampling import effective_nfe, shift, time_grid, tmd_sample
-from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import few_step_wan_sample
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ class DistillStage(VideoStage):
         if record is not None:
             self.iteration = int(record["iteration"])
             _set_rng_state(record["rng"])
+
+    def export_pretrained(self, path: str) -> None:
+        """The student as a diffusers folder plus `sampling.json`, which says how `sample` should run it."""
+        super().export_pretrained(path)
+        (Path(path) / SAMPLING_RECORD).write_text(json.dumps(
+            {"sampling_stage": self.sampling_stage, "sampler_defaults": dict(self.sampler_defaults)}, indent=2))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimizer per trainable network: [student, fake score(, discriminator)]."""

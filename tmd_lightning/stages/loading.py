@@ -12,7 +12,7 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from tmd_lightning.models.tmd import TMDTransformer
-from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import StudentStage
 from tmd_lightning.stages.teacher import TeacherStage
 
@@ -47,13 +47,17 @@ def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.M
     if meta.get("sampling_stage"):  # a distillation checkpoint: the student alone, without teacher and critics
         prefix = meta["network_attr"] + "."
         network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-        defaults = dict(meta["sampler_defaults"])
-        defaults["grid_gamma"] = defaults.pop("gamma")
-        return _import(meta["sampling_stage"])(network, codec, text_encoder,
-                                               ckpt["hyper_parameters"].get("negative_prompt", ""), **defaults)
+        return _sampling_stage(meta, network, codec, text_encoder, ckpt["hyper_parameters"].get("negative_prompt", ""))
     stage_cls = _import(meta["stage"])
     return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, codec=codec,
                                           text_encoder=text_encoder, **{meta["network_attr"]: network})
+
+
+def _sampling_stage(record: dict[str, Any], network: nn.Module, codec: nn.Module, text_encoder: nn.Module,
+                    negative_prompt: str) -> VideoStage:
+    defaults = dict(record["sampler_defaults"])
+    defaults["grid_gamma"] = defaults.pop("gamma")
+    return _import(record["sampling_stage"])(network, codec, text_encoder, negative_prompt, **defaults)
 
 
 def pretrained_class(folder: str | Path) -> tuple[str, Path]:
@@ -69,6 +73,10 @@ def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn
                           negative_prompt: str = "", **student_defaults: Any) -> VideoStage:
     """A sampling-only stage around a diffusers folder: a TMD student (`StudentStage`) or a Wan teacher."""
     class_name, model_dir = pretrained_class(folder)
+    record = model_dir / SAMPLING_RECORD
+    if record.is_file():  # an exported distilled student
+        network = NETWORK_CLASSES[class_name].from_pretrained(str(model_dir), local_files_only=True)
+        return _sampling_stage(json.loads(record.read_text()), network, codec, text_encoder, negative_prompt)
     if class_name == "TMDTransformer":
         student = TMDTransformer.from_pretrained(str(model_dir), local_files_only=True)
         return StudentStage(student, codec, text_encoder, negative_prompt, **student_defaults)
