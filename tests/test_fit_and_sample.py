@@ -201,3 +201,8 @@ def test_distill_dmd2_runs_and_samples(adapt_head_run: Path) -> None:
                 "prompts=[a red circle moving left]", "seeds=[0]", "sampler.M=3",
                 f"output_dir={adapt_head_run / 'dmd2'}", f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
     assert "effective NFE: 3 " in proc.stdout
+    export = latest / "export" / "student"
+    assert json.loads((export / "sampling.json").read_text())["sampling_stage"].endswith("FewStepWanStage")
+    proc = _run("tmd_lightning.sample", f"checkpoint={export}", "prompts=[a red circle moving left]", "seeds=[0]",
+                f"output_dir={adapt_head_run / 'dmd2_export'}", f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
+    assert "effective NFE: 2 " in proc.stdout  # the DMD2-v sampler's default M = 2, not the teacher's 50 x 2
