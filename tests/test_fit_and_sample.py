@@ -180,7 +180,7 @@ def test_distill_finds_stage1_logs_everything_and_exports(adapt_head_run: Path) 
     assert phases[:6] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     ckpt = torch.load(latest / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
-    assert ckpt["distill"]["iteration"] == 7
+    assert ckpt["distill"]["iteration"] == ckpt["global_step"] == 7
     ema = next(s for k, s in ckpt["callbacks"].items() if k.startswith("EMA"))
     from tmd_lightning.models import TMDTransformer
 

@@ -202,6 +202,7 @@ def test_ttur_phase_and_checkpoint_without_teacher(text_encoder, tmp_path):
     trainer = _trainer(tmp_path)
     trainer.fit(stage, train_dataloaders=_loader(12))
     assert phases == [0, 5] and stage.iteration == 6
+    assert trainer.global_step == 6  # one Lightning step per iteration, so periods in steps are iterations
     trainer.save_checkpoint(tmp_path / "s.ckpt")
     ckpt = torch.load(tmp_path / "s.ckpt", weights_only=False)
     keys = ckpt["state_dict"].keys()

@@ -256,8 +256,8 @@ class DistillStage(VideoStage):
             opt_disc.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self._step(opt_fake, self.fake_score, "fake_score")
-        if opt_disc is not None:
-            self._step(opt_disc, self.discriminator, "discriminator")
+        if opt_disc is not None:  # the raw optimizer: Lightning counts one global step per iteration, not per network
+            self._step(getattr(opt_disc, "optimizer", opt_disc), self.discriminator, "discriminator")
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=b)
         return stats
 
