@@ -10,7 +10,7 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
-.PHONY: install demo test lint bench teacher clean
+.PHONY: install demo baseline teacher-demo test lint bench teacher clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -21,8 +21,20 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 
 # Main job on the embedded toy world: sample the shipped toy teacher (48 prompts x 4 seeds, 50 steps, CFG 5)
 # and print its toy accuracy. Later stages extend this to adapt_head -> distill -> evaluate.
+# The main job on the toy (about 35 minutes on 2 CPU cores): Stage 1 from the shipped teacher, Stage 2, then the
+# quality-vs-cost table and Pareto plot of teacher, Stage 1, TMD (and DMD2-v if `make baseline` ran).
 demo: install
-	$(PYTHON) -m tmd_lightning.sample task_name=demo
+	$(PYTHON) -m tmd_lightning.fit experiment=adapt_head
+	$(PYTHON) -m tmd_lightning.fit experiment=distill
+	$(PYTHON) -m tmd_lightning.evaluate
+
+# The DMD2-v baseline on the toy (about 18 minutes), for the demo's table.
+baseline: install
+	$(PYTHON) -m tmd_lightning.fit experiment=distill_dmd2
+
+# Sample the shipped toy teacher only (2.5 minutes).
+teacher-demo: install
+	$(PYTHON) -m tmd_lightning.sample task_name=teacher_demo
 
 test: install
 	$(PYTHON) -m pytest -q tests

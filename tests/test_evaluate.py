@@ -1,0 +1,68 @@
+"""`python -m tmd_lightning.evaluate`: table, CSV, Pareto plot and VBench export on the toy."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.evaluate import pareto_front, run, sampler_label
+
+register_resolvers()
+
+
+def test_pareto_front_against_brute_force():
+    points = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 3.5), (5, 1), (0.5, 9)]
+    front = set(pareto_front(points))
+
+    def dominated(i: int) -> bool:
+        x, y = points[i]
+        return any(a <= x and b <= y and (a, b) != (x, y) for a, b in points)
+
+    assert front == {i for i in range(len(points)) if not dominated(i)} == {0, 1, 3, 6}
+    for i, j in itertools.combinations(front, 2):  # no front point dominates another
+        assert not (points[i][0] <= points[j][0] and points[i][1] <= points[j][1])
+
+
+def test_sampler_labels():
+    assert sampler_label({"steps": 50, "cfg": 5.0}) == "Euler 50 x CFG 5"
+    assert sampler_label({"steps": 2, "cfg": 1.0}) == "Euler 2, no CFG"
+    assert sampler_label({"M": 2, "N": 4}) == "TMD M=2 N=4"
+    assert sampler_label({"M": 3}) == "few-step M=3"
+
+
+@pytest.mark.slow
+def test_evaluate_writes_table_csv_plot_and_vbench(tmp_path: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", "seeds=[0,1]",
+            "prompts=[a red circle moving left,a blue square moving up]", f"vbench_dir={tmp_path}/vbench",
+            "toy_reference.videos_per_caption=1",
+            "models=[{label: teacher, path: ${model.pretrained}, required: true, samplers: [{steps: 2, cfg: 5.0}, "
+            "{steps: 1, cfg: 1.0}]}, {label: absent, path: /nowhere, samplers: [{M: 2}]}]"])
+    rows = run(cfg)
+    assert [r["sampler"] for r in rows] == ["Euler 2 x CFG 5", "Euler 1, no CFG"]
+    assert [r["effective_nfe"] for r in rows] == [4, 1]
+    out = tmp_path / "out"
+    table = (out / "results.md").read_text()
+    assert "| teacher | Euler 2 x CFG 5 |" in table and "absent" not in table
+    with open(out / "results.csv") as fh:
+        read = list(csv.DictReader(fh))
+    assert len(read) == 2 and float(read[0]["acc_colour"]) == rows[0]["acc_colour"]
+    assert 0 <= rows[0]["acc_joint"] <= 1 and rows[0]["toy_fd"] > 0
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    vb = sorted(p.name for p in (tmp_path / "vbench" / "teacher_Euler_2_x_CFG_5").iterdir())
+    assert vb == ["a blue square moving up-0.mp4", "a blue square moving up-1.mp4", "a red circle moving left-0.mp4",
+                  "a red circle moving left-1.mp4"]
+
+
+def test_missing_required_model_is_an_error(tmp_path: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
+                                             "models=[{label: t, path: /nowhere, required: true, samplers: []}]"])
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        run(cfg)
