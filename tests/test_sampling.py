@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from tmd_lightning.sampling import cfg_velocity, effective_nfe, euler_sample, shift, teacher_sample, time_grid
+from tmd_lightning.sampling import (
+    cfg_velocity,
+    dmd2_sample,
+    effective_nfe,
+    euler_sample,
+    shift,
+    student_grids,
+    teacher_sample,
+    time_grid,
+    tmd_sample,
+)
 
 
 def _delta_field(x0: torch.Tensor):
@@ -189,3 +199,76 @@ def test_teacher_sample_unknown_solver_raises():
     x0, noise = _pair()
     with pytest.raises(ValueError, match="unknown solver"):
         teacher_sample(_delta_field(x0), noise, steps=2, solver="dpm++")
+
+
+# ------------------------------------------------------------------------------------------------- trajectories
+
+
+def test_euler_and_dmd2_trajectories_record_every_step_and_leave_the_sample_unchanged():
+    x0, noise = _pair()
+    grid = time_grid(4, 3.0, 1.0)
+
+    def velocity(x, t):  # not the exact delta field, so every step moves the state somewhere new
+        return _delta_field(x0)(x, t) + 0.3 * torch.sin(x)
+
+    for sampler in (euler_sample, dmd2_sample):
+        plain = sampler(velocity, noise, grid)
+        trajectory: list = []
+        out = sampler(velocity, noise, grid, trajectory=trajectory)
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+        assert [step["t"] for step in trajectory] == [float(t) for t in grid[1:].flip(0)]  # the steps' start times
+        assert all(step["x"].device.type == "cpu" and step["x"].shape == noise.shape for step in trajectory)
+        torch.testing.assert_close(trajectory[-1]["x"], out, atol=0, rtol=0)
+        xs = [noise] + [step["x"] for step in trajectory]
+        assert all(not torch.equal(a, b) for a, b in zip(xs, xs[1:], strict=False))
+        assert trajectory[0]["x"] is not out  # clones, not views of the running state
+
+
+_TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, rope_max_seq_len=64)
+
+
+def _tiny_student():
+    """A random tiny TMD student whose head depends on the inner sample (fusion and Δ-embedder moved off init)."""
+    from diffusers import WanTransformer3DModel
+
+    from tmd_lightning.models import TMDTransformer
+
+    torch.manual_seed(0)
+    teacher = WanTransformer3DModel(**_TINY_WAN).eval()
+    student = TMDTransformer.from_teacher(teacher, head_blocks=1).eval()
+    with torch.no_grad():
+        student.wan.proj_out.weight.normal_(std=0.2)
+        student.inner_fusion.proj_out.weight.normal_(std=0.2)
+        student.delta_embedder.linear_2.weight.normal_(std=0.2)
+    return student
+
+
+@pytest.mark.parametrize("M,N", [(2, 2), (1, 3), (3, 1)])
+def test_tmd_trajectory_records_outer_and_inner_steps_and_leaves_the_sample_unchanged(M, N):
+    student = _tiny_student()
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 4, 2, 4, 4, generator=g)
+    text = torch.randn(2, 5, 16, generator=g)
+    inner_noise = [torch.randn(noise.shape, generator=g) for _ in range(M)]
+    plain = tmd_sample(student, noise, text, M, N, inner_noise=inner_noise)
+    trajectory: list = []
+    out = tmd_sample(student, noise, text, M, N, inner_noise=inner_noise, trajectory=trajectory)
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+    torch.testing.assert_close(trajectory[-1]["x"], out, atol=0, rtol=0)
+
+    outer, inner = student_grids(M, N)
+    assert len(trajectory) == M
+    assert [step["t"] for step in trajectory] == [float(t) for t in outer[1:].flip(0)]
+    x = noise
+    with torch.no_grad():
+        for k, step in enumerate(trajectory):
+            i = M - k  # outer step i runs from t_i to t_{i-1} with inner noise inner_noise[i - 1]
+            assert len(step["inner"]) == N
+            assert all(y.device.type == "cpu" and y.shape == noise.shape for y in step["inner"])
+            m = student.backbone(x, torch.full((2,), float(outer[i])), text)
+            torch.testing.assert_close(step["inner"][-1], student.inner_flow(m, inner, inner_noise[i - 1]),
+                                       atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(step["x"], x - float(outer[i] - outer[i - 1]) * step["inner"][-1],
+                                       atol=1e-6, rtol=1e-6)
+            x = step["x"]

@@ -52,13 +52,21 @@ def cfg_velocity(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
 
 
 @torch.no_grad()
-def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Euler integration of dx/dt = v from t = grid[-1] down to grid[0] = 0."""
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
+                 trajectory: list | None = None) -> torch.Tensor:
+    """Euler integration of dx/dt = v from t = grid[-1] down to grid[0] = 0.
+
+    `trajectory`, when given, receives one `{"t": t, "x": x after the step (a CPU clone)}` per step, t being the
+    time the step starts from (the velocity's input), so the intermediate states can be inspected (notebooks)
+    without changing the sample.
+    """
     x = noise
     for i in range(len(grid) - 1, 0, -1):
         t, t_prev = float(grid[i]), float(grid[i - 1])
         v = velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
         x = x - (t - t_prev) * v.to(x.dtype)
+        if trajectory is not None:
+            trajectory.append({"t": t, "x": x.detach().cpu().clone()})
     return x
 
 
@@ -95,11 +103,15 @@ def student_grids(M: int, N: int, gamma: float = 10.0, t_max: float = 0.999) -> 
 @torch.no_grad()
 def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor, M: int = 2, N: int = 2,
                gamma: float = 10.0, t_max: float = 0.999,
-               inner_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+               inner_noise: list[torch.Tensor] | None = None, trajectory: list | None = None) -> torch.Tensor:
     """Algorithm 1: for i = M .. 1, `m = backbone(x, t_i, c)`, `x <- x - (t_i - t_{i-1}) InnerFlow(m)`.
 
     One backbone pass and N head passes per outer step, no CFG. `inner_noise[i - 1]` is the fresh `y1` of outer
     step i (drawn here when not given).
+
+    `trajectory`, when given, receives per outer step `{"t": t_i, "x": x after the step, "inner": [y after each
+    of the N inner flow-map steps]}` (CPU clones). To see the inner states the rollout is run here step by step
+    with `student.flow_map`, exactly as `student.inner_flow` runs it; without `trajectory`, `inner_flow` is called.
     """
     outer, inner = student_grids(M, N, gamma, t_max)
     x = noise
@@ -108,17 +120,34 @@ def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor
         t = torch.full((batch,), float(outer[i]), device=x.device, dtype=torch.float32)
         m = student.backbone(x, t, text)
         y1 = torch.randn_like(x) if inner_noise is None else inner_noise[i - 1].to(x)
-        x = x - float(outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
+        if trajectory is None:
+            x = x - float(outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
+            continue
+        y, inner_states = y1, []
+        for j in range(len(inner) - 1, 0, -1):  # the loop of `TMDTransformer.inner_flow`, keeping every y
+            s = inner[j].to(torch.float32).expand(batch).to(y.device)
+            r = inner[j - 1].to(torch.float32).expand(batch).to(y.device)
+            y = student.flow_map(y, s, r, m, y1)
+            inner_states.append(y.detach().cpu().clone())
+        x = x - float(outer[i] - outer[i - 1]) * y
+        trajectory.append({"t": float(outer[i]), "x": x.detach().cpu().clone(), "inner": inner_states})
     return x
 
 
 @torch.no_grad()
-def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
+                trajectory: list | None = None) -> torch.Tensor:
     """DMD2-v's deterministic multi-step sampler: `x_{t_{i-1}} = (1 - t_{i-1}/t_i) g + (t_{i-1}/t_i) x_{t_i}` with
-    `g = x_{t_i} - t_i v` (the student's x0), from t_M = grid[-1] to 0."""
+    `g = x_{t_i} - t_i v` (the student's x0), from t_M = grid[-1] to 0.
+
+    `trajectory`, when given, receives one `{"t": t, "x": x after the step (a CPU clone)}` per step, t being the
+    time the step starts from.
+    """
     x = noise
     for i in range(len(grid) - 1, 0, -1):
         t, t_prev = float(grid[i]), float(grid[i - 1])
         g = x - t * velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).to(x.dtype)
         x = (1 - t_prev / t) * g + (t_prev / t) * x
+        if trajectory is not None:
+            trajectory.append({"t": t, "x": x.detach().cpu().clone()})
     return x
