@@ -128,7 +128,8 @@ def test_adapt_head_fit_leaves_a_checkpoint_distill_finds(adapt_head_run: Path) 
     events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
-    for tag in ("train/loss", "train/mse", "train/frac_flow_map", "val/loss", "toy/acc_joint", "toy/effective_nfe"):
+    for tag in ("train/loss", "train/mse", "train/frac_flow_map", "val/loss", "toy/acc_joint", "toy/effective_nfe",
+                "diagnostics/motion", "diagnostics/motion_real", "diagnostics/diversity", "diagnostics/saturation"):
         assert tag in tags, tag
     assert events.Scalars("toy/effective_nfe")[-1].value == pytest.approx(2 * (1 + 1 / 2))  # M2 N2 H1 of L2
 

@@ -3,7 +3,10 @@
 from tmd_lightning.callbacks.data_health import SkippedSamplesLogger
 from tmd_lightning.callbacks.ema import EMA, find_ema
 from tmd_lightning.callbacks.export import ExportPretrained
+from tmd_lightning.callbacks.sampling_eval import SamplingEvalCallback
 from tmd_lightning.callbacks.toy_eval import ToyEvalCallback
+from tmd_lightning.callbacks.video_eval import VideoEvalCallback
 from tmd_lightning.callbacks.videos import log_videos
 
-__all__ = ["EMA", "ExportPretrained", "SkippedSamplesLogger", "ToyEvalCallback", "find_ema", "log_videos"]
+__all__ = ["EMA", "ExportPretrained", "SamplingEvalCallback", "SkippedSamplesLogger", "ToyEvalCallback",
+           "VideoEvalCallback", "find_ema", "log_videos"]

@@ -1,0 +1,74 @@
+"""Periodic evaluation for real data: FVD against the validation videos and CLIP score, plus the diagnostics.
+
+Prompts come from a text file (one per line) or, by default, the first captions of the validation set. FVD uses the
+StyleGAN-V I3D TorchScript detector from a local path (`fvd_detector`); CLIP score a local CLIP folder (`clip_model`);
+either is skipped when its path is not given. Both networks are held here, not in the LightningModule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from tmd_lightning.callbacks.sampling_eval import SamplingEvalCallback
+from tmd_lightning.metrics.fvd import FrechetVideoDistance, I3DFeatures
+
+
+class VideoEvalCallback(SamplingEvalCallback):
+    """FVD (`eval/fvd`, with `eval/fvd_num_real` / `eval/fvd_num_fake`), CLIP score (`eval/clip_score`) and diagnostics.
+
+    Args:
+        prompts: a text file with one prompt per line, or None for the first `num_prompts` validation captions.
+        fvd_detector: path of `i3d_torchscript.pt` (or its folder); None skips FVD.
+        clip_model: a local CLIP folder (transformers layout); None skips the CLIP score.
+        num_real: real validation videos the FVD reference uses.
+    """
+
+    prefix = "eval"
+
+    def __init__(self, *args, prompts: str | None = None, num_prompts: int = 32, fvd_detector: str | None = None,
+                 clip_model: str | None = None, num_real: int = 256, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_file, self.num_prompts, self.num_real = prompts, num_prompts, num_real
+        self.fvd = FrechetVideoDistance(I3DFeatures(fvd_detector)) if fvd_detector else None
+        self._fvd_real: dict[str, torch.Tensor] | None = None
+        self.clip = None
+        if clip_model:
+            from tmd_lightning.metrics.clip_score import VideoCLIPScore
+
+            self.clip = VideoCLIPScore(clip_model)
+
+    def prompts(self, trainer: L.Trainer) -> list[str]:
+        if self.prompt_file:
+            path = Path(self.prompt_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompt file not found: {path}")
+            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        real = self.real_videos(trainer, limit=self.num_prompts)
+        if real is None:
+            raise RuntimeError("VideoEvalCallback needs `prompts` (a file) or a DataModule with a validation set")
+        return list(dict.fromkeys(real[1]))
+
+    def score(self, trainer: L.Trainer, videos: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.fvd is not None:
+            if self._fvd_real is None:  # the real side once; later rounds restore it
+                real = self.real_videos(trainer, limit=self.num_real)
+                if real is None:
+                    raise RuntimeError("FVD needs a DataModule with validation videos")
+                self.fvd.reset()
+                self.fvd.update(real[0], real=True)
+                self._fvd_real = {k: v.clone() for k, v in self.fvd.metric_state.items() if k.startswith("real")}
+            self.fvd.reset()
+            for name, value in self._fvd_real.items():
+                setattr(self.fvd, name, value.clone())
+            self.fvd.update(videos, real=False)
+            metrics |= {"fvd": float(self.fvd.compute()), "fvd_num_real": float(self.fvd.num_real),
+                        "fvd_num_fake": float(self.fvd.num_fake)}
+        if self.clip is not None:
+            self.clip.reset()
+            self.clip.update(videos, captions)
+            metrics["clip_score"] = float(self.clip.compute())
+        return metrics
