@@ -7,7 +7,9 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.evaluate import pareto_front, run, sampler_label
@@ -66,3 +68,50 @@ def test_missing_required_model_is_an_error(tmp_path: Path):
                                              "models=[{label: t, path: /nowhere, required: true, samplers: []}]"])
     with pytest.raises(FileNotFoundError, match="/nowhere"):
         run(cfg)
+
+
+class _Detector(torch.nn.Module):
+    """Same call signature as StyleGAN-V's I3D TorchScript file: pooled clips through a fixed projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 2 * 4 * 4, 400)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        return self.proj(torch.nn.functional.adaptive_avg_pool3d(x, (2, 4, 4)).flatten(1))
+
+
+@pytest.mark.slow
+def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
+    from tmd_lightning.data.toy_world import generate_toy_dataset
+    from tmd_lightning.metrics.fvd import FrechetVideoDistance, I3DFeatures
+
+    torch.manual_seed(0)
+    detector = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(_Detector().eval()).save(str(detector))
+    manifest = generate_toy_dataset(tmp_path / "real", 1, 16, 16, seed=3, split="ref")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", "seeds=[0,1]", "num_frames=16",
+            "prompts=[a red circle moving left,a blue square moving up]", "toy_metrics=false",
+            f"fvd.detector={detector}", f"fvd.reference={manifest}", "fvd.num_real=20", "samples_per_row=0",
+            "models=[{label: teacher, path: ${model.pretrained}, required: true, samplers: [{steps: 1, cfg: 5.0}]}]"])
+    rows = run(cfg)
+    assert rows[0]["fvd_num_real"] == 20 and rows[0]["fvd_num_fake"] == 4 and "acc_joint" not in rows[0]
+    # the same number from the metric directly
+    from tmd_lightning.data.backends import get_backend
+    from tmd_lightning.data.manifest import read_manifest
+    from tmd_lightning.evaluate import generate, load_model
+
+    stage = load_model(cfg.model.pretrained, *(instantiate(cfg.model[k]) for k in ("codec", "text_encoder"))).eval()
+    pairs = [(p, s) for p in ["a red circle moving left", "a blue square moving up"] for s in (0, 1)]
+    videos, _ = generate(stage, pairs, (16, 16, 16), 64, steps=1, cfg=5.0)
+    backend = get_backend("auto")
+    fvd = FrechetVideoDistance(I3DFeatures(detector))
+    fvd.update(torch.stack([torch.from_numpy(backend.read(e.path, 16)) for e in read_manifest(manifest)[:20]]),
+               real=True)
+    fvd.update(videos, real=False)
+    assert rows[0]["fvd"] == pytest.approx(float(fvd.compute()), rel=1e-6)
+    assert "| FVD |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "pareto.png").is_file()

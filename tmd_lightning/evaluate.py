@@ -2,10 +2,11 @@
 
 For each model (the teacher and the students listed in `models`, each a stage `.ckpt` or an exported folder) and
 each of its samplers, samples the same prompts and seeds, times it, and scores it: on the toy, joint/attribute
-accuracy and toy-FD against held-out real videos. Writes `results.md`, `results.csv` and `pareto.png` (quality
-against effective NFE and against seconds per video) in the run folder, prints the table and where everything went.
-With `vbench_dir` set it also writes every sample in VBench's layout (`<dir>/<model>/<prompt>-<index>.mp4`);
-`samples_per_row` videos of each row go to `samples/` in the run folder, in the same layout.
+accuracy and toy-FD against held-out real videos; at scale, FVD (StyleGAN-V protocol, a local I3D file) against a
+manifest of real videos and CLIP score (a local CLIP folder), with `toy_metrics=false`. Writes `results.md`,
+`results.csv` and `pareto.png` (quality against effective NFE and against seconds per video) in the run folder,
+prints the table and where everything went. With `vbench_dir` set it also writes every sample in VBench's layout
+(`<dir>/<model>/<prompt>-<index>.mp4`); `samples_per_row` videos of each row go to `samples/` in the run folder.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 register_resolvers()
 
 COLUMNS = ["model", "sampler", "M", "N", "H", "effective_nfe", "seconds_per_video", "acc_joint", "acc_colour",
-           "acc_shape", "acc_direction", "toy_fd"]
+           "acc_shape", "acc_direction", "toy_fd", "fvd", "fvd_num_real", "fvd_num_fake", "clip_score"]
 
 
 def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.Module,
@@ -75,17 +76,67 @@ def write_vbench(folder: Path, model: str, pairs: list[tuple[str, int]], videos:
         write_mp4(target / f"{prompt}-{index}.mp4", video.numpy(), fps=FPS)
 
 
+QUALITY = [("acc_joint", "joint acc", "{:.3f}"), ("toy_fd", "toy-FD", "{:.4f}"), ("fvd", "FVD", "{:.2f}"),
+           ("clip_score", "CLIP score", "{:.2f}")]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "sampler", "M", "N", "H", "effective NFE", "s / video", "speed-up vs first row", "joint acc",
-            "toy-FD"]
+    """The quality-vs-cost table; quality columns appear when some row has them."""
+    quality = [q for q in QUALITY if any(q[0] in r for r in rows)]
+    head = ["model", "sampler", "M", "N", "H", "effective NFE", "s / video", "speed-up vs first row",
+            *(q[1] for q in quality)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     base = rows[0]["seconds_per_video"]
     for r in rows:
         cells = [r["model"], r["sampler"], r.get("M", ""), r.get("N", ""), r.get("H", ""),
                  f"{r['effective_nfe']:.2f}", f"{r['seconds_per_video']:.4f}", f"{base / r['seconds_per_video']:.0f}x",
-                 f"{r['acc_joint']:.3f}" if "acc_joint" in r else "", f"{r['toy_fd']:.4f}" if "toy_fd" in r else ""]
+                 *(fmt.format(r[key]) if key in r else "" for key, _, fmt in quality)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if any("fvd" in r for r in rows):
+        r = next(r for r in rows if "fvd" in r)
+        lines.append(f"\nFVD: StyleGAN-V protocol, {int(r['fvd_num_fake'])} generated vs {int(r['fvd_num_real'])} real "
+                     "videos per row.")
     return "\n".join(lines)
+
+
+def video_metrics(cfg: DictConfig) -> tuple[Any, Any]:
+    """FVD (against `fvd.reference` manifest videos) and CLIP score, when their local paths are configured."""
+    fvd = clip = None
+    if cfg.get("fvd") and cfg.fvd.get("detector"):
+        from tmd_lightning.data.backends import get_backend
+        from tmd_lightning.data.manifest import read_manifest
+        from tmd_lightning.metrics.fvd import FrechetVideoDistance, I3DFeatures
+
+        if not cfg.fvd.get("reference"):
+            raise ValueError("fvd.detector is set: also set fvd.reference, a manifest of real videos")
+        entries = read_manifest(cfg.fvd.reference)[: cfg.fvd.get("num_real", 2048)]
+        backend = get_backend("auto")
+        fvd = FrechetVideoDistance(I3DFeatures(cfg.fvd.detector))
+        for i in range(0, len(entries), 16):
+            fvd.update(torch.stack([torch.from_numpy(backend.read(e.path, cfg.num_frames))
+                                    for e in entries[i : i + 16]]), real=True)
+        fvd = (fvd, {k: v.clone() for k, v in fvd.metric_state.items() if k.startswith("real")})
+    if cfg.get("clip") and cfg.clip.get("path"):
+        from tmd_lightning.metrics.clip_score import VideoCLIPScore
+
+        clip = VideoCLIPScore(cfg.clip.path)
+    return fvd, clip
+
+
+def score_video_metrics(fvd: Any, clip: Any, videos: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if fvd is not None:
+        metric, real_state = fvd
+        metric.reset()
+        for name, value in real_state.items():
+            setattr(metric, name, value.clone())
+        metric.update(videos, real=False)
+        out |= {"fvd": float(metric.compute()), "fvd_num_real": metric.num_real, "fvd_num_fake": metric.num_fake}
+    if clip is not None:
+        clip.reset()
+        clip.update(videos, captions)
+        out["clip_score"] = float(clip.compute())
+    return out
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -130,7 +181,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     prompts = resolve_prompts(cfg.prompts)
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
     shape = (cfg.num_frames, cfg.height, cfg.width)
-    reference = toy_reference(cfg)
+    fvd, clip = video_metrics(cfg)
+    reference = toy_reference(cfg) if cfg.get("toy_metrics", True) else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -146,8 +198,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             row = {"model": spec["label"], "sampler": sampler_label(opts), **{k: opts[k] for k in ("M", "N")
                                                                                if k in opts},
                    **student_shape(stage), "effective_nfe": stage.sampler_nfe(**opts), "seconds_per_video": seconds}
-            row |= {k: v for k, v in toy_report(videos, [p for p, _ in pairs], reference).items()
-                    if k in COLUMNS}
+            captions = [p for p, _ in pairs]
+            if cfg.get("toy_metrics", True):
+                row |= {k: v for k, v in toy_report(videos, captions, reference).items() if k in COLUMNS}
+            row |= score_video_metrics(fvd, clip, videos, captions)
             rows.append(row)
             log.info("%s, %s: %s", spec["label"], row["sampler"], {k: row[k] for k in row if k in COLUMNS[5:]})
             if cfg.get("vbench_dir"):
@@ -163,7 +217,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot = pareto_plot(rows, out / "pareto.png") if all("toy_fd" in r for r in rows) else None
+    metric = "fvd" if all("fvd" in r for r in rows) else "toy_fd" if all("toy_fd" in r for r in rows) else None
+    plot = pareto_plot(rows, out / "pareto.png", metric) if metric else None
     print(f"\n{table}\n\n{len(pairs)} videos per row ({len(prompts)} prompts x {len(cfg.seeds)} seeds)")
     print(f"table:  {out / 'results.md'}\ncsv:    {out / 'results.csv'}" + (f"\nplot:   {plot}" if plot else ""))
     if cfg.get("samples_per_row"):
