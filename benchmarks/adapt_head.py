@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import toy_batch  # noqa: E402
+from foundation import seconds_per_step, toy_batch  # noqa: E402
 
 from tmd_lightning.data.toy_world import all_captions  # noqa: E402
 from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder, build_student, load_transformer  # noqa: E402
@@ -53,23 +53,6 @@ def stages() -> tuple[TeacherStage, AdaptHeadStage]:
     stage1 = AdaptHeadStage(student, codec, text_encoder, optimizer, M=int(tmd.M), N=int(tmd.N),
                             **{k: float(cfg[k]) for k in keys})
     return teacher, stage1
-
-
-def seconds_per_step(stage, batch: dict, warmup: int, steps: int) -> float:
-    stage.train()
-    opt = stage.configure_optimizers()["optimizer"]
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        stage.training_step(batch, 0).backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
 
 
 def seconds_per_video(stage, captions: list[str], repeats: int, **sampler) -> float:

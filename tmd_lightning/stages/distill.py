@@ -22,9 +22,9 @@ from torch import nn
 
 from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
 from tmd_lightning.models.wan_parts import block_features
-from tmd_lightning.sampling import effective_nfe, shift, time_grid, tmd_sample
+from tmd_lightning.sampling import effective_nfe, shift, time_grid
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
-from tmd_lightning.stages.student import few_step_wan_sample
+from tmd_lightning.stages.student import few_step_wan_sample, student_latents, student_nfe
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +291,10 @@ class TMDDistillStage(DistillStage):
 
     def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
                        **sampler: Any) -> torch.Tensor:
-        opts = self.sampler_options(**sampler)
-        inner = None if seeds is None else [self.initial_noise(seeds, tuple(noise.shape[1:]), stream=i)
-                                            for i in range(1, opts["M"] + 1)]
-        return tmd_sample(self.student, noise, text, opts["M"], opts["N"], opts["gamma"], opts["t_max"], inner)
+        return student_latents(self, noise, text, seeds, self.sampler_options(**sampler))
 
     def sampler_nfe(self, **sampler: Any) -> float:
-        opts = self.sampler_options(**sampler)
-        return effective_nfe(opts["M"], opts["N"], self.student.head_blocks, self.student.num_layers)
+        return student_nfe(self.student, self.sampler_options(**sampler))
 
 
 class DMD2Stage(DistillStage):

@@ -35,16 +35,24 @@ class StudentStage(VideoStage):
     def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
                        **sampler: Any) -> torch.Tensor:
         """Algorithm 1 with M, N chosen at sampling time; the inner noise of each outer step comes from `seeds`."""
-        opts = self.sampler_options(**sampler)
-        inner_noise = None
-        if seeds is not None:
-            inner_noise = [self.initial_noise(seeds, tuple(noise.shape[1:]), stream=i) for i in range(1, opts["M"] + 1)]
-        return tmd_sample(self.student, noise, text, opts["M"], opts["N"], opts["gamma"], opts["t_max"],
-                          inner_noise=inner_noise)
+        return student_latents(self, noise, text, seeds, self.sampler_options(**sampler))
 
     def sampler_nfe(self, **sampler: Any) -> float:
-        opts = self.sampler_options(**sampler)
-        return effective_nfe(opts["M"], opts["N"], self.student.head_blocks, self.student.num_layers)
+        return student_nfe(self.student, self.sampler_options(**sampler))
+
+
+def student_latents(stage: VideoStage, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None,
+                    opts: dict[str, Any]) -> torch.Tensor:
+    """Algorithm 1 for `stage.student`; each outer step's inner noise comes from the seeds' noise streams."""
+    inner_noise = None
+    if seeds is not None:
+        inner_noise = [stage.initial_noise(seeds, tuple(noise.shape[1:]), stream=i) for i in range(1, opts["M"] + 1)]
+    return tmd_sample(stage.student, noise, text, opts["M"], opts["N"], opts["gamma"], opts["t_max"],
+                      inner_noise=inner_noise)
+
+
+def student_nfe(student: nn.Module, opts: dict[str, Any]) -> float:
+    return effective_nfe(opts["M"], opts["N"], student.head_blocks, student.num_layers)
 
 
 class FewStepWanStage(VideoStage):
