@@ -1,0 +1,129 @@
+"""Scores of the toy study: every run's final student sampled on the same prompts and seeds, cached per run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmd_lightning.metrics.coverage import mode_coverage
+from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
+from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.study.runs import Budget, Run, is_done, project_root, student_export
+
+TEACHER_SAMPLERS = ({"cfg": 5.0}, {"steps": 1, "cfg": 5.0}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": 5.0},
+                    {"steps": 3, "cfg": 1.0})  # the first takes the budget's teacher_steps
+BATCH = 64  # videos sampled per call
+
+
+@dataclass
+class Reference:
+    """The held-out real toy videos every model is compared with, decoded and summarised once."""
+
+    captions: list[str]
+    videos: torch.Tensor
+    stats: tuple[torch.Tensor, torch.Tensor]  # toy-feature mean and covariance (toy-FD)
+
+    @classmethod
+    def load(cls, cfg: Any) -> Reference:
+        from tmd_lightning.data.backends import get_backend
+        from tmd_lightning.data.manifest import read_manifest
+        from tmd_lightning.sample import toy_reference
+
+        entries = read_manifest(toy_reference(cfg))
+        backend = get_backend("auto")
+        videos = torch.stack([torch.from_numpy(backend.read(e.path, cfg.num_frames)) for e in entries])
+        return cls([e.caption for e in entries], videos, gaussian_stats(toy_features(videos)))
+
+
+def quality(videos: torch.Tensor, captions: list[str], reference: Reference) -> dict[str, float]:
+    """Toy accuracies, toy-FD against the reference and mode coverage of one sampler's videos."""
+    accuracy = ToyAccuracy()
+    accuracy.update(videos, captions)
+    return {**{f"acc_{k}": float(v) for k, v in accuracy.compute().items()},
+            "toy_fd": float(frechet_distance(*gaussian_stats(toy_features(videos)), *reference.stats)),
+            **mode_coverage(videos, captions, reference.videos, reference.captions)}
+
+
+def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg: Any,
+                reference: Reference) -> list[dict[str, Any]]:
+    """Samples one model with each sampler on the budget's prompts and seeds; scores and times it.
+
+    Each sampler runs once untimed on one batch first, so the timing excludes one-off warm-up costs.
+    """
+    from hydra.utils import instantiate
+
+    from tmd_lightning.data.toy_world import all_captions
+    from tmd_lightning.evaluate import generate, load_model, sampler_label
+
+    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
+    stage = load_model(path, codec, text_encoder, cfg.model.negative_prompt).eval()
+    prompts = all_captions()[:: max(1, 48 // budget.eval_prompts)][: budget.eval_prompts]
+    pairs = [(p, s) for p in prompts for s in budget.eval_seeds]
+    shape = (cfg.num_frames, cfg.height, cfg.width)
+    rows = []
+    for opts in samplers:
+        generate(stage, pairs[:BATCH], shape, BATCH, **opts)  # warm-up
+        videos, seconds = generate(stage, pairs, shape, BATCH, **opts)
+        rows.append({"sampler": sampler_label(opts), **opts, "effective_nfe": stage.sampler_nfe(**opts),
+                     "seconds_per_video": seconds, **quality(videos, [p for p, _ in pairs], reference)})
+    return rows
+
+
+def evaluation_config(out: Path) -> Any:
+    """The `evaluate` config (toy model, held-out reference videos) composed without Hydra's app runner."""
+    from hydra import compose, initialize_config_dir
+
+    from tmd_lightning.config import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=[f"paths.root_dir={project_root()}", f"paths.output_dir={out}"])
+
+
+def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
+    """Rows for the teacher and every finished run (cached in `scores/<run>.json`)."""
+    cfg = reference = None
+    rows: list[dict[str, Any]] = []
+    scores = out / "scores"
+    scores.mkdir(parents=True, exist_ok=True)
+    teacher = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
+    todo = [("teacher", "teacher", 0, None, teacher)] + [
+        (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs if is_done(out, r.name)]
+    for name, family, seed, path, samplers in todo:
+        cache = scores / f"{name}.json"
+        if cache.is_file():
+            found = json.loads(cache.read_text())
+        else:
+            if cfg is None:
+                cfg = evaluation_config(out)
+                reference = Reference.load(cfg)
+            print(f"[{time.strftime('%H:%M:%S')}] score {name}", flush=True)
+            found = score_model(path if path is not None else Path(cfg.model.pretrained), samplers, budget, cfg,
+                                reference)
+            cache.write_text(json.dumps(found, indent=1))
+        rows += [{"run": name, "family": family, "seed": seed, **r} for r in found]
+    return rows
+
+
+def load_scores(runs: list[Run], out: Path) -> list[dict[str, Any]]:
+    """Rows from the cached scores only (for `--report-only`)."""
+    rows = []
+    for name, family, seed in [("teacher", "teacher", 0)] + [(r.name, r.family, r.seed) for r in runs]:
+        cache = out / "scores" / f"{name}.json"
+        if cache.is_file():
+            rows += [{"run": name, "family": family, "seed": seed, **r} for r in json.loads(cache.read_text())]
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
