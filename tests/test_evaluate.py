@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.evaluate import pareto_front, run, sampler_label
+from tmd_lightning.evaluate import pareto_front, run
+from tmd_lightning.evaluation import sampler_label
 
 register_resolvers()
 
@@ -102,7 +103,7 @@ def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
     # the same number from the metric directly
     from tmd_lightning.data.backends import get_backend
     from tmd_lightning.data.manifest import read_manifest
-    from tmd_lightning.evaluate import generate, load_model
+    from tmd_lightning.evaluation import generate, load_model
 
     stage = load_model(cfg.model.pretrained, *(instantiate(cfg.model[k]) for k in ("codec", "text_encoder"))).eval()
     pairs = [(p, s) for p in ["a red circle moving left", "a blue square moving up"] for s in (0, 1)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.toy_world import FPS, write_mp4
-from tmd_lightning.sample import resolve_prompts, toy_reference, toy_report
+from tmd_lightning.evaluation import generate, load_model, resolve_prompts, sampler_label, toy_reference, toy_report
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -36,28 +34,7 @@ COLUMNS = ["model", "sampler", "M", "N", "H", "effective_nfe", "seconds_per_vide
            "acc_shape", "acc_direction", "toy_fd", "fvd", "fvd_num_real", "fvd_num_fake", "clip_score"]
 
 
-def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.Module,
-               negative_prompt: str = "") -> VideoStage:
-    """Any model `sample` takes: a stage `.ckpt` or a diffusers folder (teacher, TMD student, distilled student)."""
-    if str(path).endswith(".ckpt"):
-        return load_checkpoint_stage(path, codec, text_encoder)
-    return load_pretrained_stage(path, codec, text_encoder, negative_prompt)
 
-
-def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,
-             **sampler: Any) -> tuple[torch.Tensor, float]:
-    """uint8 videos for every (prompt, seed) and the wall-clock seconds per video."""
-    start = time.perf_counter()
-    videos = [stage.generate([p for p, _ in pairs[i : i + batch_size]], [s for _, s in pairs[i : i + batch_size]],
-                             *shape, **sampler).cpu() for i in range(0, len(pairs), batch_size)]
-    return torch.cat(videos), (time.perf_counter() - start) / len(pairs)
-
-
-def sampler_label(opts: dict[str, Any]) -> str:
-    if "steps" in opts:
-        return f"Euler {opts['steps']} x CFG {opts.get('cfg', 5.0):g}" if opts.get("cfg", 5.0) != 1 else \
-            f"Euler {opts['steps']}, no CFG"
-    return f"TMD M={opts['M']} N={opts['N']}" if "N" in opts else f"few-step M={opts['M']}"
 
 
 def student_shape(stage: VideoStage) -> dict[str, Any]:

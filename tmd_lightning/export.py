@@ -1,5 +1,8 @@
 """Entry point: `python -m tmd_lightning.export CHECKPOINT [OUT] [--no-ema]`.
 
+CHECKPOINT is a `.ckpt` file or the distributed checkpoint folder (`last.ckpt/`) of an FSDP2 run (`trainer=fsdp`),
+which is consolidated in this one process (no GPUs or process group needed).
+
 Writes the trained network (teacher transformer or TMD student) of a stage checkpoint as a diffusers folder
 (`config.json` + safetensors) that `from_pretrained` and `python -m tmd_lightning.sample checkpoint=OUT` load. Uses
 the EMA weights stored in the checkpoint when there are any. Runs that finish export by themselves (`export/` in
@@ -15,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tmd_lightning.config import register_resolvers
+from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.transformer import load_transformer
-from tmd_lightning.stages.loading import network_from_record
+from tmd_lightning.stages.loading import network_from_record, read_checkpoint
 
 
 def _network(ckpt: dict, checkpoint: Path) -> tuple[torch.nn.Module, str]:
@@ -36,14 +40,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use
     """Saves the trained network (EMA weights if present and `use_ema`) of a Lightning checkpoint as a diffusers
     folder: a `WanTransformer3DModel` for the teacher stage, a `TMDTransformer` for the student stages."""
     checkpoint = Path(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint)
     network, attr = _network(ckpt, checkpoint)
     prefix = attr + "."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     ema = next((s for name, s in ckpt.get("callbacks", {}).items() if name.startswith("EMA")), None)
     if use_ema and ema is not None:
         state.update(ema["shadow"])
-    network.load_state_dict(state, strict=True)
+    load_merged_state(network, state, (ckpt.get("tmd_lightning") or {}).get("lora"))  # a LoRA student: merged
     out = Path(out) if out else checkpoint.parent.parent / "export" / f"{attr}_step{ckpt['global_step']}"
     network.save_pretrained(str(out))
     print(f"exported step {ckpt['global_step']} ({'EMA' if use_ema and ema else 'raw'} weights) to {out}")

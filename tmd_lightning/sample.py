@@ -18,31 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.data.backends import get_backend
-from tmd_lightning.data.manifest import read_manifest, write_manifest
-from tmd_lightning.data.toy_world import FPS, all_captions, generate_toy_dataset, parse_caption, write_mp4
-from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.data.manifest import write_manifest
+from tmd_lightning.data.toy_world import FPS, parse_caption, write_mp4
+from tmd_lightning.evaluation import resolve_prompts, toy_reference, toy_report
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
 
-
-def resolve_prompts(prompts: Any) -> list[str]:
-    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line; a list -> itself."""
-    if isinstance(prompts, str):
-        if prompts == "toy":
-            return all_captions()
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file not found: {path} (use prompts=toy or a list)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    out = [str(p) for p in prompts]
-    if not out or any(not p.strip() for p in out):
-        raise ValueError("prompts must be non-empty strings")
-    return out
 
 
 def load_stage(cfg: DictConfig) -> VideoStage:
@@ -57,28 +41,6 @@ def load_stage(cfg: DictConfig) -> VideoStage:
     return load_pretrained_stage(source, codec, text_encoder, cfg.model.negative_prompt)
 
 
-def toy_reference(cfg: DictConfig) -> Path | None:
-    """Manifest of the real toy videos toy-FD compares with (written on first use, then reused)."""
-    ref = cfg.get("toy_reference")
-    if not ref:
-        return None
-    return generate_toy_dataset(ref.root, ref.videos_per_caption, cfg.num_frames, cfg.height, seed=ref.seed,
-                                split="reference")
-
-
-def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, float]:
-    """Per-attribute and joint toy accuracy, and toy-FD against the real videos of `real_manifest`."""
-    acc = ToyAccuracy()
-    acc.update(videos, captions)
-    report = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
-    if real_manifest is not None:
-        backend = get_backend("auto")
-        entries = read_manifest(real_manifest)
-        real = torch.stack([torch.from_numpy(backend.read(e.path, videos.shape[1])) for e in entries])
-        report["toy_fd"] = float(frechet_distance(*gaussian_stats(toy_features(videos)),
-                                                  *gaussian_stats(toy_features(real))))
-        report["toy_fd_real_count"] = len(entries)
-    return report
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -9,5 +9,5 @@ from tmd_lightning.callbacks.toy_eval import ToyEvalCallback
 from tmd_lightning.callbacks.video_eval import VideoEvalCallback
 from tmd_lightning.callbacks.videos import log_videos
 
-__all__ = ["EMA", "ExportPretrained", "FinalStateCheckpoint", "SamplingEvalCallback", "SkippedSamplesLogger", "ToyEvalCallback",
-           "VideoEvalCallback", "find_ema", "log_videos"]
+__all__ = ["EMA", "ExportPretrained", "FinalStateCheckpoint", "SamplingEvalCallback", "SkippedSamplesLogger",
+           "ToyEvalCallback", "VideoEvalCallback", "find_ema", "log_videos"]

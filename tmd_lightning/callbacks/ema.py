@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 
 class EMA(L.Callback):
@@ -31,6 +32,13 @@ class EMA(L.Callback):
     def _params(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
         module = pl_module.get_submodule(self.target)
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuses sharded training at once: the shadow would be per-rank shards that the checkpoint (written by
+        rank 0) cannot hold, and gathering a full float32 copy per save does not scale to the models FSDP2 is for."""
+        if self.enabled and isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError(f"the EMA callback does not support {type(trainer.strategy).__name__} (FSDP2): disable "
+                             "it (callbacks.ema.enabled=false) or train with trainer=ddp")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+from torch.distributed.tensor import DTensor
 
 from tmd_lightning.callbacks.ema import find_ema
 
@@ -13,19 +15,24 @@ log = logging.getLogger(__name__)
 
 
 class ExportPretrained(L.Callback):
-    """On train end (rank 0), calls `pl_module.export_pretrained(dirpath)` with EMA weights swapped in."""
+    """On train end calls `pl_module.export_pretrained(dirpath)` with EMA weights swapped in.
+
+    Rank 0 writes. A sharded (FSDP2) network is gathered first, which every rank must join, so then every rank calls
+    `export_pretrained` (and only rank 0 writes); otherwise only rank 0 calls it.
+    """
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        network = getattr(pl_module, "network", None)
+        sharded = network is not None and any(isinstance(p, DTensor) for p in network.parameters())
+        if not trainer.is_global_zero and not sharded:
             return
         ema = find_ema(trainer)
-        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        if ema is not None:
-            with ema.swapped(pl_module):
-                pl_module.export_pretrained(self.dirpath)
-        else:
+        if trainer.is_global_zero:
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        with ema.swapped(pl_module) if ema is not None else nullcontext():
             pl_module.export_pretrained(self.dirpath)
-        log.info("exported %s to %s", type(pl_module).__name__, self.dirpath)
+        if trainer.is_global_zero:
+            log.info("exported %s to %s", type(pl_module).__name__, self.dirpath)

@@ -105,7 +105,8 @@ class SamplingEvalCallback(L.Callback):
             logger.log_metrics(metrics, step=step)
         log_videos(trainer, f"{self.prefix}/samples", videos[:: max(1, len(videos) // self.num_videos_logged)]
                    [: self.num_videos_logged], step)
-        self._append_csv(trainer, step, metrics)
+        if getattr(trainer, "is_global_zero", True):  # every rank samples (FSDP2 needs all of them); one writes
+            self._append_csv(trainer, step, metrics)
         log.info("%s eval at step %d: %s", self.prefix, step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 

@@ -93,6 +93,13 @@ class VideoTextDataModule(L.LightningDataModule):
         return VideoTextDataset(entries, h.num_frames, h.height, h.width, h.backend, h.frame_stride,
                                 random_start=train, cache_decoded=h.cache_decoded)
 
+    def split_dataset(self, split: str) -> VideoTextDataset | None:
+        """The "train" or "val" split with every clip from frame 0 (what a cache stores), unusable rows counted in
+        `skips` as in `setup`; None for a split without a manifest. Call `prepare_data` first for the toy."""
+        train, val = self._manifests()
+        manifest = {"train": train, "val": val}[split]
+        return None if manifest is None else self._dataset(manifest, train=False)
+
     def setup(self, stage: str | None = None) -> None:
         train, val = self._manifests()
         if self.train_set is None:

@@ -4,14 +4,21 @@ Real scale: UMT5 (`text_encoder/` + `tokenizer/` of a Wan2.1 diffusers folder). 
 with a word-level tokenizer, shipped in the package, so nothing is downloaded. Both return embeddings of a fixed
 length with every position past a caption's real length set to zero — Wan's cross-attention has no mask, and this
 is what the diffusers Wan pipeline feeds it.
+
+Training from a precomputed cache (`python -m tmd_lightning.precompute`), `CachedTextEncoder` stands in for the
+text encoder: it serves the prompt embeddings stored in the cache (the negative prompt, evaluation prompts) and
+never loads the encoder (UMT5-XXL alone is 5.7B parameters).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+PROMPTS_FILE = "prompts.safetensors"  # in a cache folder: prompt embeddings trimmed to their real length
 
 TOY_VOCAB = ["<pad>", "</s>", "<unk>", "a", "an", "the", "moving", "red", "green", "blue", "yellow", "square",
              "circle", "triangle", "left", "right", "up", "down"]
@@ -38,11 +45,20 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, max_length: int = 512, model_class: str = "UMT5EncoderModel",
-                        dtype: torch.dtype = torch.float32) -> TextEncoder:
-        """Loads `tokenizer/` and `text_encoder/` from a diffusers-style folder (no download)."""
+                        dtype: torch.dtype | str = torch.float32,
+                        cache_dir: str | Path | None = None) -> TextEncoder | CachedTextEncoder:
+        """Loads `tokenizer/` and `text_encoder/` from a diffusers-style folder (no download).
+
+        With `cache_dir` (a precompute cache; `data=cache` sets it) the encoder is not loaded: a `CachedTextEncoder`
+        serves the cache's stored prompt embeddings instead, checked against `path`'s text encoder width.
+        """
         import transformers
 
         path = Path(path)
+        if cache_dir is not None:
+            return CachedTextEncoder.from_cache(cache_dir, max_length, expected_dim=_config_dim(path))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         if not (path / "text_encoder").is_dir():
             raise FileNotFoundError(f"{path}: no text_encoder/ folder (expected a diffusers-style model folder)")
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
@@ -51,13 +67,23 @@ class TextEncoder(nn.Module):
         return cls(tokenizer, encoder, max_length)
 
     @torch.no_grad()
-    def _encode(self, captions: list[str]) -> torch.Tensor:
+    def _encode_with_lengths(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_length, D) embeddings zeroed past each caption's length, and the lengths (token counts)."""
         tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
         device = next(self.encoder.parameters()).device
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        return hidden * mask.unsqueeze(-1)
+        return hidden * mask.unsqueeze(-1), mask.sum(dim=1)
+
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        return self._encode_with_lengths(captions)[0]
+
+    def encode_trimmed(self, captions: list[str]) -> list[torch.Tensor]:
+        """One (length, D) embedding per caption, trimmed to its real token count: what caches store (zero padding
+        to `max_length` happens again at collate time)."""
+        hidden, lengths = self._encode_with_lengths(captions)
+        return [row[: int(n)] for row, n in zip(hidden, lengths, strict=True)]
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> torch.Tensor:
@@ -78,6 +104,89 @@ class TextEncoder(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # moving the module invalidates cached tensors' device
         self._cache.clear()
         return super()._apply(fn, recurse)
+
+
+def _config_dim(path: Path) -> int | None:
+    """d_model of the text encoder in a diffusers folder, read from its config (no weights); None if absent."""
+    config = path / "text_encoder" / "config.json"
+    return int(json.loads(config.read_text())["d_model"]) if config.is_file() else None
+
+
+def save_prompt_embeddings(path: str | Path, embeddings: dict[str, torch.Tensor]) -> Path:
+    """Writes {caption: (length, D) trimmed embedding} as one safetensors file (atomically), captions in metadata."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    captions = list(embeddings)
+    tensors = {f"prompt.{i}": embeddings[c].contiguous().cpu() for i, c in enumerate(captions)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)})
+    os.replace(tmp, path)
+    return path
+
+
+class UnknownPromptError(KeyError):
+    """A caption a `CachedTextEncoder` has no stored embedding for."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes and escapes
+        return str(self.args[0])
+
+
+class CachedTextEncoder(nn.Module):
+    """Stands in for a text encoder when training from a cache: serves stored prompt embeddings, loads no encoder.
+
+    Returns (B, max_length, D) float embeddings zero-padded past each prompt's stored length, like `TextEncoder`;
+    any caption that is not stored is an `UnknownPromptError` that says how to add it. The embeddings are a
+    non-persistent buffer, so they follow the module to its device and stay out of checkpoints.
+    """
+
+    def __init__(self, embeddings: dict[str, torch.Tensor], max_length: int, source: str = "") -> None:
+        super().__init__()
+        if not embeddings:
+            raise ValueError(f"no prompt embeddings{' in ' + source if source else ''}")
+        longest = max(e.shape[0] for e in embeddings.values())
+        if longest > max_length:
+            raise ValueError(f"{source}: a stored prompt has {longest} tokens, more than max_length={max_length}")
+        self.max_length, self.source = max_length, source
+        self.rows = {caption: i for i, caption in enumerate(embeddings)}
+        dim = next(iter(embeddings.values())).shape[-1]
+        table = torch.zeros(len(embeddings), max_length, dim)
+        for i, emb in enumerate(embeddings.values()):
+            table[i, : emb.shape[0]] = emb.float()
+        self.register_buffer("table", table, persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[-1])
+
+    @classmethod
+    def from_cache(cls, cache_dir: str | Path, max_length: int, expected_dim: int | None = None) -> CachedTextEncoder:
+        """The prompts of a precompute cache folder; `expected_dim` (the run's text encoder width) is checked."""
+        from safetensors import safe_open
+
+        path = Path(cache_dir) / PROMPTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {cache_dir} is not a finished precompute cache "
+                                    "(run `python -m tmd_lightning.precompute ... output=DIR` to completion)")
+        with safe_open(str(path), framework="pt") as fh:
+            captions = json.loads(fh.metadata()["captions"])
+            embeddings = {c: fh.get_tensor(f"prompt.{i}") for i, c in enumerate(captions)}
+        encoder = cls(embeddings, max_length, source=str(path))
+        if expected_dim is not None and encoder.dim != expected_dim:
+            raise ValueError(f"{path}: text embeddings of width {encoder.dim}, but the run's text encoder has "
+                             f"d_model {expected_dim}: the cache was made with another model")
+        return encoder
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.rows]
+        if missing:
+            raise UnknownPromptError(
+                f"no cached text embedding for {missing[:3]} ({len(missing)} prompt(s)); {self.source} stores only "
+                "the negative prompt and the precompute `prompts`: rerun `python -m tmd_lightning.precompute` with "
+                "prompts=FILE listing them (evaluation prompts), or train without the cache")
+        return self.table[[self.rows[c] for c in captions]]
 
 
 def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int = 2, seed: int = 0,

@@ -10,6 +10,7 @@ from torch import nn
 
 from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
 from tmd_lightning.sampling import shift
+from tmd_lightning.stages.parallel import rows_to_run
 from tmd_lightning.stages.student import StudentStage
 
 
@@ -29,6 +30,7 @@ class AdaptHeadStage(StudentStage):
         fd_delta: δ of the finite difference; 5e-3 deliberately smooths the derivative in s (§4).
         loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
         plain_tm: ablation, always r = s (transition matching without the flow map).
+        activation_checkpointing: one activation checkpoint per Wan block of the student (memory for compute).
     """
 
     def __init__(
@@ -52,9 +54,11 @@ class AdaptHeadStage(StudentStage):
         fd_delta: float = 5e-3,
         loss_c: float = 1.0,
         plain_tm: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(student, codec, text_encoder, negative_prompt, M, N, grid_gamma, t_max)
         self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)
+        self.activation_checkpointing = activation_checkpointing
         if not 0.0 < fd_delta < 0.5:
             raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
 
@@ -92,23 +96,27 @@ class AdaptHeadStage(StudentStage):
             # 4. CFG target on the rows that kept their caption
             guided = ~dropped if h.cfg_scale != 1.0 else torch.zeros_like(dropped)
             u_neg = torch.zeros_like(v)
-            if guided.any():
-                m_neg = student.backbone(x_t[guided], t[guided], neg[guided])
-                s_g = s[guided]
-                u_neg[guided] = student.average_velocity(y_s[guided], s_g, s_g, m_neg, y1[guided])
+            # (under FSDP2 every rank makes these data-dependent calls when any rank needs them: `rows_to_run`)
+            idx, run = rows_to_run(student, guided)
+            if run:
+                m_neg = student.backbone(x_t[idx], t[idx], neg[idx])
+                u_g = student.average_velocity(y_s[idx], s[idx], s[idx], m_neg, y1[idx])
+                if guided.any():
+                    u_neg[guided] = u_g
             v_tilde = cfg_target(v, u_neg, h.cfg_scale, guided)
             # 5. MeanFlow target: du/ds by finite differences on the rows with r < s, sharing this m
             target = v_tilde.clone()
             flow_map_rows = r < s
-            if flow_map_rows.any():
-                idx = flow_map_rows
+            idx, run = rows_to_run(student, flow_map_rows)
+            if run:
                 m_fd, y1_fd, r_fd = m.select(idx).detach().repeat(2), y1[idx].repeat(2, 1, 1, 1, 1), r[idx].repeat(2)
 
                 def u_fn(samples: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
                     return student.average_velocity(samples, s_, r_fd, m_fd, y1_fd)
 
                 du_ds = finite_difference_ds(u_fn, y_s[idx], s[idx], v_tilde[idx], h.fd_delta)
-                target[idx] = meanflow_target(v_tilde[idx], du_ds, s[idx], r[idx])
+                if flow_map_rows.any():
+                    target[idx] = meanflow_target(v_tilde[idx], du_ds, s[idx], r[idx])
         # 6. adaptive loss on u_θ(y_s, s, r)
         u = student.average_velocity(y_s, s, r, m, y1)
         d = x[0].numel()
@@ -132,6 +140,6 @@ class AdaptHeadStage(StudentStage):
         """The same loss with seeded randomness, so validation curves are comparable across steps."""
         x, text = self.encode_batch(batch)
         loss, stats = self.tm_meanflow_loss(x, text, torch.Generator().manual_seed(batch_idx))
-        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        self.log("val/mse", stats["mse"], batch_size=x.shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)  # mean over ranks' shards
+        self.log("val/mse", stats["mse"], batch_size=x.shape[0], sync_dist=True)
 

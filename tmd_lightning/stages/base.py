@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from tmd_lightning.stages.parallel import configure_parallel, gathered_network, network_class, seed_per_rank
+
 FROZEN_PREFIXES = ("codec.", "text_encoder.")
 SAMPLING_RECORD = "sampling.json"  # next to an exported student: which sampling stage runs it, with which defaults
 
@@ -17,7 +19,12 @@ class VideoStage(L.LightningModule):
 
     The frozen encoders are submodules (so Lightning moves them to the device) but are stripped from every
     checkpoint: they load from their own folders, and UMT5-XXL alone is 11B parameters.
+
+    Data parallelism (`trainer=ddp` / `trainer=fsdp`) is set up in `configure_model` (stages/parallel.py): the
+    FSDP2 units per Wan block, DDP's settings, and activation checkpointing when `activation_checkpointing` is set.
     """
+
+    activation_checkpointing: bool = False  # one checkpoint per Wan block (set by the stages' constructor argument)
 
     def __init__(self, codec: nn.Module, text_encoder: nn.Module, negative_prompt: str = "") -> None:
         super().__init__()
@@ -36,6 +43,13 @@ class VideoStage(L.LightningModule):
     def negative_embedding(self, batch_size: int) -> torch.Tensor:
         """The negative-prompt embedding (empty caption for the toy, Wan's negative prompt at scale), repeated."""
         return self.text_encoder([self.negative_prompt]).expand(batch_size, -1, -1).float()
+
+    def setup(self, stage: str) -> None:
+        seed_per_rank(self.trainer)  # data-parallel ranks draw different noise (no-op in a single process)
+
+    def configure_model(self) -> None:
+        """Activation checkpointing and the strategy's needs (FSDP2 sharding, DDP checks); see stages/parallel.py."""
+        configure_parallel(self, self.activation_checkpointing)
 
     def train(self, mode: bool = True):  # frozen encoders stay in eval mode
         super().train(mode)
@@ -97,7 +111,7 @@ class VideoStage(L.LightningModule):
         cls = type(self)
         checkpoint["tmd_lightning"] = {"stage": f"{cls.__module__}.{cls.__qualname__}",
                                        "network_attr": self.network_attr,
-                                       "network_class": type(self.network).__name__,
+                                       "network_class": network_class(self.network).__name__,
                                        "network_config": {k: v for k, v in self.network.config.items()
                                                           if not k.startswith("_")}}
 
@@ -110,6 +124,13 @@ class VideoStage(L.LightningModule):
         scheduler = self.hparams.scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def export_pretrained(self, path: str) -> None:
-        """Saves the network as a diffusers folder (`from_pretrained` loads it)."""
-        self.network.save_pretrained(path)
+    def export_pretrained(self, path: str) -> bool:
+        """Saves the network as a diffusers folder (`from_pretrained` loads it); returns whether this process wrote.
+
+        Under FSDP2 every rank must call it: the full weights are gathered to rank 0, which alone writes.
+        """
+        network = gathered_network(self.network)
+        if network is None:
+            return False
+        network.save_pretrained(path)
+        return True

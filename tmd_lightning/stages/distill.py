@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import random
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
+from tmd_lightning.models.lora import (
+    FAKE_SCORE,
+    STUDENT,
+    AdapterView,
+    LoraSettings,
+    adapter_parameters,
+    add_lora,
+    cast_keeping_adapters,
+    merged_copy,
+)
 from tmd_lightning.models.wan_parts import block_features
 from tmd_lightning.sampling import effective_nfe, shift, time_grid
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
@@ -51,6 +63,11 @@ class DistillStage(VideoStage):
         vsd_reduction: "mean" over all elements (DMD2's code; λ = 0.03 is relative to it) or "sum" per sample.
         grad_clip: max gradient norm per network (None: no clipping; norms are logged either way).
         max_iterations: stop after this many iterations (None: let the trainer decide).
+        lora: LoRA mode (`models.lora.LoraSettings`: fake_score, student, rank, alpha, target_modules). With
+            `fake_score` the fake score is an adapter on the frozen teacher's weights (an `AdapterView`, enabled only
+            during its calls: teacher and discriminator features see the plain teacher); with `student` the student's
+            Wan blocks train as an adapter on its own frozen base, exported merged.
+        activation_checkpointing: one activation checkpoint per Wan block (student, fake score, teacher features).
     """
 
     network_attr = "student"
@@ -62,14 +79,23 @@ class DistillStage(VideoStage):
                  cfg_scale: float = 5.0, dmd_shift: float = 5.0, dmd_t_min: float = 0.001, dmd_t_max: float = 0.999,
                  gan_weight: float = 0.03, use_gan: bool = True, student_every: int = 5,
                  vsd_reduction: str = "mean", grad_clip: float | None = 1.0, teacher_dtype: str = "bfloat16",
-                 max_iterations: int | None = None) -> None:
+                 max_iterations: int | None = None, lora: dict[str, Any] | None = None,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["student", "teacher", "codec", "text_encoder", "discriminator"],
                                   logger=False)
         self.automatic_optimization = False
+        self.lora = LoraSettings.from_config(lora)
+        self.activation_checkpointing = activation_checkpointing
+        if self.lora.student:  # adapters on the student's own frozen base (TMD: the Stage-1 student, not the teacher)
+            add_lora(student, self.lora, STUDENT)
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
-        self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
+        if self.lora.fake_score:  # an adapter on the teacher's weights: one copy for teacher and fake score
+            add_lora(teacher, self.lora, FAKE_SCORE)
+            self.fake_score = AdapterView(teacher, FAKE_SCORE)
+        else:
+            self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
         dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
         if use_gan and discriminator is None:
             raise ValueError("use_gan=True needs a discriminator")
@@ -88,8 +114,9 @@ class DistillStage(VideoStage):
 
     # -- lifecycle -----------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.device.type == "cuda" and self.hparams.teacher_dtype:
-            self.teacher.to(getattr(torch, self.hparams.teacher_dtype))
+        super().setup(stage)
+        if self.device.type == "cuda" and self.hparams.teacher_dtype:  # a LoRA fake score stays float32
+            cast_keeping_adapters(self.teacher, getattr(torch, self.hparams.teacher_dtype))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -99,23 +126,34 @@ class DistillStage(VideoStage):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
+        keep = {f"teacher.{k}" for k in adapter_parameters(self.teacher, FAKE_SCORE)}  # the LoRA fake score
+        for key in [k for k in state if k.startswith("teacher.") and k not in keep]:
             del state[key]
-        checkpoint["distill"] = {"iteration": self.iteration, "rng": _rng_state()}
+        checkpoint["distill"] = {"iteration": self.iteration, "rng": _rng_state(),
+                                 "rng_by_rank": _gather_rng_states()}  # data-parallel ranks draw their own noise
         checkpoint["tmd_lightning"] |= {"sampling_stage": self.sampling_stage,
                                         "sampler_defaults": dict(self.sampler_defaults)}
+        if self.lora.student:  # how `loading` rebuilds the adapter before merging it into a plain student
+            checkpoint["tmd_lightning"]["lora"] = {"adapter": STUDENT, **self.lora.record()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("distill")
         if record is not None:
             self.iteration = int(record["iteration"])
-            _set_rng_state(record["rng"])
+            _restore_rng(record)
 
-    def export_pretrained(self, path: str) -> None:
-        """The student as a diffusers folder plus `sampling.json`, which says how `sample` should run it."""
-        super().export_pretrained(path)
+    def export_pretrained(self, path: str) -> bool:
+        """The student as a diffusers folder plus `sampling.json`, which says how `sample` should run it.
+
+        A LoRA student is exported merged (a plain network, loaded like any other). Under FSDP2 every rank calls
+        this and rank 0 writes (returns whether this process wrote)."""
+        if self.lora.student:
+            merged_copy(self.student).save_pretrained(path)
+        elif not super().export_pretrained(path):
+            return False
         (Path(path) / SAMPLING_RECORD).write_text(json.dumps(
             {"sampling_stage": self.sampling_stage, "sampler_defaults": dict(self.sampler_defaults)}, indent=2))
+        return True
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimizer per trainable network: [student, fake score(, discriminator)]."""
@@ -156,8 +194,14 @@ class DistillStage(VideoStage):
         return block_features(self.teacher, x_t.to(dtype), t, text.to(dtype), self.discriminator.feature_blocks)
 
     def ensure_finite(self, name: str, value: torch.Tensor) -> None:
-        """A NaN/inf stops the run with a message naming it, after saving the last good state."""
-        if torch.isfinite(value).all():
+        """A NaN/inf stops the run with a message naming it, after saving the last good state.
+
+        With several ranks the decision is collective: every rank stops (and joins the checkpoint save) when any
+        rank sees a non-finite value, instead of one rank leaving the others waiting in a collective."""
+        finite = bool(torch.isfinite(value).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         path = None
         if self._trainer is not None:
@@ -172,6 +216,8 @@ class DistillStage(VideoStage):
     def _step(self, optimizer: torch.optim.Optimizer, net: nn.Module, name: str) -> None:
         norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
                                               self.hparams.grad_clip or float("inf"))
+        if isinstance(norm, DTensor):  # FSDP2: the norm over all shards
+            norm = norm.full_tensor()
         self.log(f"grad_norm/{name}", norm, batch_size=1)
         optimizer.step()
 
@@ -254,7 +300,8 @@ class DistillStage(VideoStage):
         opt_fake.zero_grad(set_to_none=True)
         if opt_disc is not None:
             opt_disc.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        with self.fake_score.active() if self.lora.fake_score else nullcontext():  # checkpointed recompute
+            self.manual_backward(loss)
         self._step(opt_fake, self.fake_score, "fake_score")
         if opt_disc is not None:  # the raw optimizer: Lightning counts one global step per iteration, not per network
             self._step(getattr(opt_disc, "optimizer", opt_disc), self.discriminator, "discriminator")
@@ -328,6 +375,33 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _gather_rng_states() -> list[dict[str, Any]] | None:
+    """Every rank's generator states (rank order) when several processes train; None in a single process.
+
+    Collective: `on_save_checkpoint` runs on every rank, and only rank 0's checkpoint dict is written."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() == 1:
+        return None
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, _rng_state())
+    return states
+
+
+def _restore_rng(record: dict[str, Any]) -> None:
+    """This rank's generator states from a checkpoint: its own when the run had the same number of ranks, the single
+    state of a one-process run; otherwise the per-rank streams set up at fit start are kept (and logged)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    by_rank = record.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == world:
+        _set_rng_state(by_rank[rank])
+    elif world == 1:
+        _set_rng_state(record["rng"])
+    else:
+        log.warning("checkpoint saved with %s rank(s), resumed with %d: random streams restart from seed + rank, "
+                    "so the resumed run is not bit-exact", len(by_rank) if by_rank else 1, world)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:

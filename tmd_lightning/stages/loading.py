@@ -1,4 +1,5 @@
-"""Rebuilding a stage for sampling from whatever a run left: a Lightning checkpoint or a diffusers folder."""
+"""Rebuilding a stage for sampling from whatever a run left: a Lightning checkpoint (a `.ckpt` file, or the DCP folder
+an FSDP2 run writes) or a diffusers folder."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.tmd import TMDTransformer
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import StudentStage
 from tmd_lightning.stages.teacher import TeacherStage
+from tmd_lightning.strategies import CHECKPOINT_MODEL_KEY, is_distributed_checkpoint
 
 NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
 
@@ -23,6 +26,31 @@ def network_from_record(meta: dict[str, Any]) -> nn.Module:
     """A freshly built network from a checkpoint's architecture record (weights are loaded by the caller)."""
     config = {k: v for k, v in meta["network_config"].items() if not k.startswith("_")}
     return NETWORK_CLASSES[meta["network_class"]].from_config(config)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict, whether a `.ckpt` file (memory-mapped) or a distributed (DCP) folder.
+
+    A DCP folder (`trainer=fsdp`) is consolidated in this process: Lightning's `meta.pt` (hyperparameters, loops,
+    callbacks, our records) plus the full model `state_dict`; optimizer states are not read. That holds the whole
+    trained network in CPU memory once (the `.ckpt` route maps the file instead).
+    """
+    path = Path(path)
+    if is_distributed_checkpoint(path):
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        ckpt = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = {}
+        # what torch's `format_utils.dcp_to_torch_save` does (in this process only), without the optimizer states
+        _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys={CHECKPOINT_MODEL_KEY}), no_dist=True)
+        return ckpt | {"state_dict": state[CHECKPOINT_MODEL_KEY]}
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (neither a .ckpt file nor a distributed checkpoint folder)")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def _import(path: str) -> type:
@@ -36,7 +64,7 @@ def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.M
 
     Checkpoints written before that record existed are teacher checkpoints; `teacher_config` gives their shape.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get("tmd_lightning")
     if meta is None:
         if teacher_config is None:
@@ -46,9 +74,16 @@ def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.M
     network = network_from_record(meta)
     if meta.get("sampling_stage"):  # a distillation checkpoint: the student alone, without teacher and critics
         prefix = meta["network_attr"] + "."
-        network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+        load_merged_state(network, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
+                                    if k.startswith(prefix)}, meta.get("lora"))  # a LoRA student: merged
         return _sampling_stage(meta, network, codec, text_encoder, ckpt["hyper_parameters"].get("negative_prompt", ""))
     stage_cls = _import(meta["stage"])
+    if is_distributed_checkpoint(path):  # Lightning's load_from_checkpoint reads files only
+        stage = stage_cls(**(dict(ckpt["hyper_parameters"]) | {"codec": codec, "text_encoder": text_encoder,
+                                                                meta["network_attr"]: network}))
+        stage.on_load_checkpoint(ckpt)
+        stage.load_state_dict(ckpt["state_dict"], strict=False)
+        return stage
     return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, codec=codec,
                                           text_encoder=text_encoder, **{meta["network_attr"]: network})
 
@@ -89,14 +124,14 @@ def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn
 def load_student(checkpoint: str | Path) -> nn.Module:
     """The student of a stage checkpoint (Stage 1 for `experiment=distill`), with a clear error when it is missing."""
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.is_file() and not is_distributed_checkpoint(path):
         raise FileNotFoundError(f"no student checkpoint at {path}: run `python -m tmd_lightning.fit "
                                 "experiment=adapt_head` first, or set stage.student.checkpoint=PATH")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get("tmd_lightning")
     if meta is None or meta["network_attr"] != "student":
         raise ValueError(f"{path} is not a student checkpoint (adapt_head or distill)")
     student = network_from_record(meta)
-    student.load_state_dict({k[len("student."):]: v for k, v in ckpt["state_dict"].items()
-                             if k.startswith("student.")})
+    load_merged_state(student, {k[len("student."):]: v for k, v in ckpt["state_dict"].items()
+                                if k.startswith("student.")}, meta.get("lora"))  # a LoRA student: merged
     return student

@@ -22,6 +22,7 @@ class TeacherStage(VideoStage):
         t_shift: time shift gamma applied to U(t_min, t_max) training times; > 1 favours high noise, where the
             layout and motion of a video are decided.
         sampler: defaults for `generate` (steps, cfg, gamma, solver).
+        activation_checkpointing: one activation checkpoint per Wan block (memory for compute).
     """
 
     def __init__(
@@ -37,10 +38,12 @@ class TeacherStage(VideoStage):
         t_min: float = 0.0,
         t_max: float = 1.0,
         sampler: dict[str, Any] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["transformer", "codec", "text_encoder"], logger=False)
         self.transformer = transformer
+        self.activation_checkpointing = activation_checkpointing
         self.sampler_defaults = dict(steps=50, cfg=5.0, gamma=3.0, solver="euler") | dict(sampler or {})
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -72,9 +75,9 @@ class TeacherStage(VideoStage):
             t = torch.full((x.shape[0],), t_val, device=self.device)
             x_t = (1 - t_val) * x + t_val * noise
             loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
-            self.log(f"val/loss_t{t_val}", loss, batch_size=x.shape[0])
+            self.log(f"val/loss_t{t_val}", loss, batch_size=x.shape[0], sync_dist=True)
             losses.append(loss)
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x.shape[0])
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
 
     def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
                        **sampler: Any) -> torch.Tensor:

@@ -33,7 +33,7 @@ class Reference:
     def load(cls, cfg: Any) -> Reference:
         from tmd_lightning.data.backends import get_backend
         from tmd_lightning.data.manifest import read_manifest
-        from tmd_lightning.sample import toy_reference
+        from tmd_lightning.evaluation import toy_reference
 
         entries = read_manifest(toy_reference(cfg))
         backend = get_backend("auto")
@@ -59,7 +59,7 @@ def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg:
     from hydra.utils import instantiate
 
     from tmd_lightning.data.toy_world import all_captions
-    from tmd_lightning.evaluate import generate, load_model, sampler_label
+    from tmd_lightning.evaluation import generate, load_model, sampler_label
 
     codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     stage = load_model(path, codec, text_encoder, cfg.model.negative_prompt).eval()

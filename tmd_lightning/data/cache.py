@@ -1,0 +1,258 @@
+"""Precomputed caches (DESIGN.md §7): latents and trimmed text embeddings in shards, an index, and the DataModule
+that trains from them without running the codec's encoder or the text encoder.
+
+Layout of a cache folder (written by `python -m tmd_lightning.precompute`):
+
+    index.json                      written last and atomically: the config that produced the cache, per split the
+                                    shards with each sample's caption, source path and shapes, and the skipped files
+    prompts.safetensors             the negative prompt and evaluation prompts, trimmed (read by `CachedTextEncoder`)
+    <split>/shard_00000.safetensors `latents.<j>` (C, T, h, w) and `text.<j>` (length, D) per sample; the shard's own
+                                    record (signature, planned rows, samples, skips) is in its safetensors metadata
+
+A shard covers a fixed slice of the split's usable manifest rows, so a rerun knows which shards it still needs: a
+shard file is written atomically (temporary name, then rename) and is reused only when it opens, holds every tensor
+its record names, and its record matches the plan and the config signature; anything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tmd_lightning.data.dataset import SkipCounter, SkipRecord
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+CACHE_VERSION = 1
+SHARD_KEY = "tmd_cache"  # safetensors metadata key holding a shard's record
+IGNORED_KEYS = ("path", "cache_dir", "pretrained")  # where a model lives may differ between machines
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot serve this run: missing, unfinished, or made with another configuration."""
+
+
+# ------------------------------------------------------------------------------------------------ files and shards
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a file so that readers see the old or the new content, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def signature(record: dict[str, Any]) -> str:
+    """A short hash of a cache's config record: shards made under another config are not reused."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shard_path(cache_dir: str | Path, split: str, index: int) -> Path:
+    return Path(cache_dir) / split / f"shard_{index:05d}.safetensors"
+
+
+def write_shard(path: Path, latents: list[torch.Tensor], texts: list[torch.Tensor], record: dict[str, Any]) -> None:
+    """Saves one shard atomically: per-sample tensors plus the shard's record (JSON) in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"latents.{j}": z.contiguous().cpu() for j, z in enumerate(latents)}
+    tensors |= {f"text.{j}": t.contiguous().cpu() for j, t in enumerate(texts)}
+    if not tensors:  # every file of the shard was unusable: keep a marker so the shard counts as done
+        tensors = {"empty": torch.zeros(0)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={SHARD_KEY: json.dumps(record)})
+    os.replace(tmp, path)
+
+
+def read_shard_record(path: Path) -> dict[str, Any] | None:
+    """The record of a complete shard, or None when the file is missing, truncated, corrupt or lacks a tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            record = json.loads((fh.metadata() or {})[SHARD_KEY])
+            keys = set(fh.keys())
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:  # truncated, garbled, or not one of ours
+        log.warning("%s is unreadable (%s); it will be redone", path, exc)
+        return None
+    n = len(record.get("samples", []))
+    if not {f"latents.{j}" for j in range(n)} | {f"text.{j}" for j in range(n)} <= keys:
+        log.warning("%s lacks tensors its record names; it will be redone", path)
+        return None
+    return record
+
+
+def read_index(cache_dir: str | Path) -> dict[str, Any]:
+    """The index of a finished cache, with a clear error for a missing or unfinished one."""
+    path = Path(cache_dir) / INDEX_FILE
+    if not path.is_file():
+        raise CacheError(f"{path} not found: {cache_dir} is not a finished precompute cache (run "
+                         "`python -m tmd_lightning.precompute ... output=DIR` to completion; it resumes where it "
+                         "stopped)")
+    index = json.loads(path.read_text())
+    if index.get("version") != CACHE_VERSION:
+        raise CacheError(f"{path}: cache version {index.get('version')}, this code reads {CACHE_VERSION}; "
+                         "recompute the cache")
+    return index
+
+
+# ------------------------------------------------------------------------------------------- config comparison
+
+
+def _strip(value: Any) -> Any:
+    """A config value without the keys that name where things live (compared across machines)."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in IGNORED_KEYS}
+    return value
+
+
+def config_mismatches(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """'key: cache has X, run has Y' for every expected key whose value differs (paths ignored)."""
+    out = []
+    for key, want in expected.items():
+        have = cached.get(key)
+        if _strip(have) != _strip(want):
+            out.append(f"{key}: cache has {json.dumps(have, default=str)}, run has {json.dumps(want, default=str)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- dataset and loader
+
+
+class CachedLatentDataset(Dataset):
+    """Yields {"latents": (C, T, h, w), "text": (length, D), "caption": str} from a split's shards.
+
+    Tensors are read lazily through memory-mapped safetensors handles, opened once per process (workers reopen
+    them after pickling).
+    """
+
+    def __init__(self, cache_dir: str | Path, shards: list[dict[str, Any]]) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.items = [(shard["file"], j, sample["caption"]) for shard in shards
+                      for j, sample in enumerate(shard["samples"])]
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+    def _handle(self, file: str) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.cache_dir / file), framework="pt")
+        return self._handles[file]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        file, j, caption = self.items[index]
+        fh = self._handle(file)
+        return {"latents": fh.get_tensor(f"latents.{j}"), "text": fh.get_tensor(f"text.{j}"), "caption": caption}
+
+
+def collate_cached(items: list[dict[str, Any]], text_length: int) -> dict[str, Any]:
+    """Stacks float32 latents and zero-pads each trimmed text embedding to `text_length` tokens.
+
+    Wan's cross-attention has no mask, so the padding is zeros, as the diffusers pipeline feeds it (512 for UMT5).
+    """
+    longest = max(it["text"].shape[0] for it in items)
+    if longest > text_length:
+        raise CacheError(f"a cached caption has {longest} tokens, more than the run's text length {text_length} "
+                         "(model.text_encoder.max_length): the cache was made with a longer max_length")
+    text = torch.zeros(len(items), text_length, items[0]["text"].shape[-1])
+    for row, it in zip(text, items, strict=True):
+        row[: it["text"].shape[0]] = it["text"].float()
+    return {"latents": torch.stack([it["latents"].float() for it in items]), "text": text,
+            "caption": [it["caption"] for it in items]}
+
+
+class CachedDataModule(L.LightningDataModule):
+    """Serves batches of cached latents and text embeddings ({"latents", "text", "caption"}), which the stages'
+    `encode_batch` consumes as they are; no video is decoded and no encoder runs.
+
+    Args:
+        cache_dir: a folder written by `python -m tmd_lightning.precompute`.
+        num_frames, height, width: the run's clip size (the sampling callbacks use it too); must match the cache.
+        text_length: tokens each text embedding is zero-padded to (the text encoder's max_length: 512 for UMT5).
+        expect: config values of the run that must match the cache's record (model name, codec, text encoder,
+            negative prompt); keys naming where a model lives (`path`, `pretrained`) are not compared.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        num_frames: int,
+        height: int,
+        width: int,
+        text_length: int = 512,
+        batch_size: int = 1,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        expect: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.num_frames, self.height, self.width, self.text_length = num_frames, height, width, text_length
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size or batch_size, num_workers
+        self.expect = dict(expect or {})
+        self.skips = SkipCounter()
+        self.train_set: CachedLatentDataset | None = None
+        self.val_set: CachedLatentDataset | None = None
+
+    def check(self, index: dict[str, Any]) -> None:
+        """Clear errors when the cache does not fit this run (clip size, model, codec, text encoder, prompts)."""
+        config = index["config"]
+        run = {"num_frames": self.num_frames, "height": self.height, "width": self.width}
+        problems = config_mismatches(config, run | {k: v for k, v in self.expect.items() if k != "negative_prompt"})
+        negative = self.expect.get("negative_prompt")
+        if negative is not None and negative not in index["prompts"]["captions"]:
+            problems.append("negative_prompt: the run's model.negative_prompt is not among the cached prompts "
+                            "(precompute stores its model config's negative prompt)")
+        if problems:
+            raise CacheError(f"{self.cache_dir} was made for another configuration:\n  " + "\n  ".join(problems)
+                             + "\nSet the run's values to the cache's (data.num_frames/height/width, model=...) or "
+                             "precompute a cache for this configuration.")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        index = read_index(self.cache_dir)
+        self.check(index)
+        splits = index["splits"]
+        if "train" not in splits or not any(s["samples"] for s in splits["train"]["shards"]):
+            raise CacheError(f"{self.cache_dir}: the cache has no training samples")
+        self.train_set = CachedLatentDataset(self.cache_dir, splits["train"]["shards"])
+        if "val" in splits:
+            self.val_set = CachedLatentDataset(self.cache_dir, splits["val"]["shards"])
+        # what precompute skipped, for SkippedSamplesLogger
+        for split in splits.values():
+            self.skips.skipped.extend(SkipRecord(r["path"], r["reason"]) for r in split["skipped"])
+            self.skips.seen += split["num_rows"]
+
+    def _loader(self, dataset: CachedLatentDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=partial(collate_cached, text_length=self.text_length),
+                          drop_last=shuffle and len(dataset) >= batch_size, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None or len(self.val_set) == 0:
+            return []
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+

@@ -1,0 +1,82 @@
+"""Sampling a model on fixed prompts and seeds, and scoring the videos: what `sample`, `evaluate`, `precompute` and
+the toy study share (kept out of the entry points, which nothing imports)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from tmd_lightning.data.backends import get_backend
+from tmd_lightning.data.manifest import read_manifest
+from tmd_lightning.data.toy_world import all_captions, generate_toy_dataset
+from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
+from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
+
+
+def resolve_prompts(prompts: Any) -> list[str]:
+    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line; a list -> itself."""
+    if isinstance(prompts, str):
+        if prompts == "toy":
+            return all_captions()
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file not found: {path} (use prompts=toy or a list)")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    out = [str(p) for p in prompts]
+    if not out or any(not p.strip() for p in out):
+        raise ValueError("prompts must be non-empty strings")
+    return out
+
+
+def toy_reference(cfg: DictConfig) -> Path | None:
+    """Manifest of the real toy videos toy-FD compares with (written on first use, then reused)."""
+    ref = cfg.get("toy_reference")
+    if not ref:
+        return None
+    return generate_toy_dataset(ref.root, ref.videos_per_caption, cfg.num_frames, cfg.height, seed=ref.seed,
+                                split="reference")
+
+
+def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, float]:
+    """Per-attribute and joint toy accuracy, and toy-FD against the real videos of `real_manifest`."""
+    acc = ToyAccuracy()
+    acc.update(videos, captions)
+    report = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
+    if real_manifest is not None:
+        backend = get_backend("auto")
+        entries = read_manifest(real_manifest)
+        real = torch.stack([torch.from_numpy(backend.read(e.path, videos.shape[1])) for e in entries])
+        report["toy_fd"] = float(frechet_distance(*gaussian_stats(toy_features(videos)),
+                                                  *gaussian_stats(toy_features(real))))
+        report["toy_fd_real_count"] = len(entries)
+    return report
+
+
+def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.Module,
+               negative_prompt: str = "") -> VideoStage:
+    """Any model `sample` takes: a stage `.ckpt` or a diffusers folder (teacher, TMD student, distilled student)."""
+    if str(path).endswith(".ckpt"):
+        return load_checkpoint_stage(path, codec, text_encoder)
+    return load_pretrained_stage(path, codec, text_encoder, negative_prompt)
+
+
+def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,
+             **sampler: Any) -> tuple[torch.Tensor, float]:
+    """uint8 videos for every (prompt, seed) and the wall-clock seconds per video."""
+    start = time.perf_counter()
+    videos = [stage.generate([p for p, _ in pairs[i : i + batch_size]], [s for _, s in pairs[i : i + batch_size]],
+                             *shape, **sampler).cpu() for i in range(0, len(pairs), batch_size)]
+    return torch.cat(videos), (time.perf_counter() - start) / len(pairs)
+
+
+def sampler_label(opts: dict[str, Any]) -> str:
+    if "steps" in opts:
+        return f"Euler {opts['steps']} x CFG {opts.get('cfg', 5.0):g}" if opts.get("cfg", 5.0) != 1 else \
+            f"Euler {opts['steps']}, no CFG"
+    return f"TMD M={opts['M']} N={opts['N']}" if "N" in opts else f"few-step M={opts['M']}"

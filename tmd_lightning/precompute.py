@@ -1,0 +1,219 @@
+"""Entry point: `python -m tmd_lightning.precompute data.train_manifest=M model=NAME output=DIR` — a training cache.
+
+Reads the manifest(s) through the same DataModule as training (unusable files are skipped, counted and recorded,
+with the same `data.max_skip_fraction` limit), encodes every clip with `model.codec` (the Wan VAE stores normalised
+latents `(z - mean) / std`) and every caption with `model.text_encoder` (stored trimmed to its real token length),
+in shards of `shard_size` samples, plus the negative prompt and any evaluation `prompts`. Finished shards are kept:
+a rerun after a crash encodes only what is missing (and loads no encoder when nothing is). `index.json` is written
+last and atomically. Train from the cache with `data=cache data.cache_dir=DIR` (see `configs/data/cache.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.data.cache import (
+    CACHE_VERSION,
+    INDEX_FILE,
+    CacheError,
+    atomic_write_text,
+    read_shard_record,
+    shard_path,
+    signature,
+    write_shard,
+)
+from tmd_lightning.data.dataset import SkipCounter, VideoTextDataset, collate_videos
+from tmd_lightning.evaluation import resolve_prompts
+from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+def cache_record(cfg: DictConfig) -> dict[str, Any]:
+    """The configuration a cache is made under (stored in its index; shards of another one are redone)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    text_encoder = {k: v for k, v in model["text_encoder"].items() if k != "cache_dir"}
+    return {"model": model["name"], "codec": model["codec"], "text_encoder": text_encoder,
+            "num_frames": int(cfg.data.num_frames), "height": int(cfg.data.height), "width": int(cfg.data.width),
+            "frame_stride": int(cfg.data.get("frame_stride", 1)), "dtype": str(cfg.dtype)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as given."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+class Encoders:
+    """The codec and text encoder, each loaded on first use: a rerun over a finished cache loads neither."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    @cached_property
+    def codec(self) -> nn.Module:
+        return instantiate(self.cfg.model.codec).to(self.device).eval()
+
+    @cached_property
+    def text_encoder(self) -> nn.Module:
+        dtype = self.cfg.text_encoder_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        kwargs = {"dtype": dtype} if dtype else {}
+        return instantiate(self.cfg.model.text_encoder, **kwargs).to(self.device).eval()
+
+
+class _Rows(Dataset):
+    """A dataset's items for some of its rows, each tagged with its row (so samples keep their source path)."""
+
+    def __init__(self, dataset: VideoTextDataset, rows: list[int]) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[self.rows[i]], "row": self.rows[i]}
+
+
+def _collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return collate_videos(items) | {"rows": [it["row"] for it in items if "skip" not in it]}
+
+
+@torch.no_grad()
+def encode_shard(dataset: VideoTextDataset, rows: list[int], encoders: Encoders, cfg: DictConfig,
+                 skips: SkipCounter) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict], list[dict]]:
+    """Latents, trimmed text embeddings, sample records and skip records of one shard's rows."""
+    dtype = getattr(torch, cfg.dtype)
+    loader = DataLoader(_Rows(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        collate_fn=_collate_rows)
+    latents, texts, samples, skipped = [], [], [], []
+    for batch in loader:
+        skips.update(batch["num_items"], batch["skipped"])  # raises past data.max_skip_fraction, like training
+        skipped += [{"path": r.path, "reason": r.reason} for r in batch["skipped"]]
+        if not batch["caption"]:
+            continue
+        z = encoders.codec.encode(batch["video"].to(encoders.device)).to(dtype).cpu()
+        text = [t.to(dtype).cpu() for t in encoders.text_encoder.encode_trimmed(batch["caption"])]
+        for row, zi, ti, caption in zip(batch["rows"], z, text, batch["caption"], strict=True):
+            latents.append(zi)
+            texts.append(ti)
+            samples.append({"caption": caption, "path": str(dataset.entries[row].path),
+                            "latent_shape": list(zi.shape), "text_shape": list(ti.shape)})
+    return latents, texts, samples, skipped
+
+
+def encode_split(out: Path, split: str, dataset: VideoTextDataset, prefiltered: list[dict], encoders: Encoders,
+                 cfg: DictConfig, sig: str) -> dict[str, Any]:
+    """Writes the split's missing shards and returns its index entry (shards, skipped files, counts)."""
+    skips = SkipCounter(max_fraction=cfg.data.max_skip_fraction)
+    size = int(cfg.shard_size)
+    shards, written = [], 0
+    for k, start in enumerate(range(0, len(dataset), size)):
+        rows = list(range(start, min(start + size, len(dataset))))
+        plan = [[str(dataset.entries[i].path), dataset.entries[i].caption] for i in rows]
+        path = shard_path(out, split, k)
+        record = read_shard_record(path)
+        if record is None or record.get("signature") != sig or record.get("rows") != plan:
+            latents, texts, samples, skipped = encode_shard(dataset, rows, encoders, cfg, skips)
+            record = {"signature": sig, "split": split, "shard": k, "rows": plan, "samples": samples,
+                      "skipped": skipped}
+            write_shard(path, latents, texts, record)
+            written += 1
+            log.info("%s: wrote %s (%d samples, %d skipped)", split, path.name, len(samples), len(skipped))
+        shards.append({"file": str(path.relative_to(out)), "samples": record["samples"],
+                       "skipped": record["skipped"]})
+    skipped = prefiltered + [r for s in shards for r in s["skipped"]]
+    return {"shards": shards, "num_rows": len(dataset) + len(prefiltered),
+            "num_samples": sum(len(s["samples"]) for s in shards), "num_skipped": len(skipped), "skipped": skipped,
+            "shards_written": written}
+
+
+def encode_prompts(out: Path, cfg: DictConfig, encoders: Encoders, previous: dict[str, Any] | None,
+                   sig: str) -> dict[str, Any]:
+    """Stores the negative prompt and the evaluation prompts (trimmed) unless the same set is already there."""
+    extra = resolve_prompts(cfg.prompts) if cfg.prompts else []
+    captions = list(dict.fromkeys([cfg.model.negative_prompt, *extra]))
+    done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
+    if not (done and (out / PROMPTS_FILE).is_file()):
+        dtype = getattr(torch, cfg.dtype)
+        embeddings = encoders.text_encoder.encode_trimmed(captions)
+        save_prompt_embeddings(out / PROMPTS_FILE, {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+    return {"file": PROMPTS_FILE, "negative_prompt": cfg.model.negative_prompt, "captions": captions,
+            "signature": sig}
+
+
+def _previous_index(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The index of an earlier run into `out`; an error if it was made under another configuration."""
+    path = out / INDEX_FILE
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    config = previous.get("config", {})
+    problems = [f"{k}: cache has {json.dumps(config.get(k))}, run has {json.dumps(v)}" for k, v in record.items()
+                if config.get(k) != v]
+    if problems:
+        raise CacheError(f"{out} already holds a cache made with another configuration:\n  " + "\n  ".join(problems)
+                         + "\nChoose another output folder, or delete this one to recompute it.")
+    return previous
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Encodes the manifest(s) of `cfg.data` into `cfg.output`; returns the index."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    record = cache_record(cfg)
+    sig = signature(record)
+    previous = _previous_index(out, record)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # writes the toy world when data=toy
+    encoders = Encoders(cfg, resolve_device(cfg.device))
+    splits = {}
+    for split in ("train", "val"):
+        before = len(datamodule.skips.skipped)
+        dataset = datamodule.split_dataset(split)
+        if dataset is None:
+            continue
+        prefiltered = [{"path": r.path, "reason": r.reason} for r in datamodule.skips.skipped[before:]]
+        splits[split] = encode_split(out, split, dataset, prefiltered, encoders, cfg, sig)
+    prompts = encode_prompts(out, cfg, encoders, previous and previous.get("prompts"), sig)
+    first = next((s for split in splits.values() for shard in split["shards"] for s in shard["samples"]), None)
+    index = {"version": CACHE_VERSION, "config": record, "signature": sig, "prompts": prompts,
+             "latent_shape": first and first["latent_shape"], "text_dim": first and first["text_shape"][-1],
+             "splits": splits}
+    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
+    _report(out, index, cfg)
+    return index
+
+
+def _report(out: Path, index: dict[str, Any], cfg: DictConfig) -> None:
+    for name, split in index["splits"].items():
+        print(f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards "
+              f"({split['shards_written']} written now), {split['num_skipped']} of {split['num_rows']} rows skipped")
+        for rec in split["skipped"][:10]:
+            print(f"  skipped {rec['path']}: {rec['reason']}")
+    print(f"prompts: {len(index['prompts']['captions'])} (negative prompt + evaluation prompts)")
+    print(f"cache:   {out}\ntrain:   python -m tmd_lightning.fit experiment=... model={cfg.model.name} data=cache "
+          f"data.cache_dir={out} data.num_frames={cfg.data.num_frames} data.height={cfg.data.height} "
+          f"data.width={cfg.data.width}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="precompute")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
