@@ -24,8 +24,8 @@ def test_study_covers_every_claim_with_two_seeds():
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     families = {r.family for r in runs}
-    assert {"TMD", "TMD, no rollout", "TMD, no t_dmd shift", "TMD, Stage 1 plain TM", "Stage 1, TM-MF",
-            "Stage 1, plain TM", "DMD2-v 1 step", "DMD2-v 2 steps", "DMD2-v 3 steps"} == families
+    assert {"TMD", "TMD, no rollout", "TMD, no t_dmd shift", "TMD, Stage 1 plain TM", "TMD, LoRA fake score",
+            "Stage 1, TM-MF", "Stage 1, plain TM", "DMD2-v 1 step", "DMD2-v 2 steps", "DMD2-v 3 steps"} == families
     for family in families:
         assert sorted(r.seed for r in runs if r.family == family) == [0, 1]
     for i, run in enumerate(runs):  # a run's Stage-1 init is listed (and so trained) before it
@@ -48,6 +48,7 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
         assert cfg.stage.student.checkpoint == str(tmp_path / "runs" / run.init / "checkpoints" / "last.ckpt")
         assert cfg.stage.rollout is ("no rollout" not in run.family)
         assert cfg.stage.dmd_shift == (1.0 if "t_dmd" in run.family else 5.0)
+        assert cfg.stage.lora.fake_score is ("LoRA" in run.family)
     else:
         steps = run.samplers[0]["M"]  # the run trains the student for the step count it is scored with
         assert cfg.stage._target_.endswith("DMD2Stage") and steps == cfg.tmd.M

@@ -161,6 +161,32 @@ def claims(cells: dict[tuple[str, str], Cell]) -> list[tuple[str, list[Compariso
     return [(title, comps, note) for title, comps, note in found if comps]
 
 
+def lora_section(cells: dict[tuple[str, str], Cell], minutes: dict[str, float], runs: list[Run]) -> list[str]:
+    """LoRA mode against full copies (not a paper claim: the framework's memory option), quality and run time."""
+    full, lora = "TMD", "TMD, LoRA fake score"
+    rows = [(s, cells[(full, s)], cells[(lora, s)]) for s in ("TMD M=1 N=2", "TMD M=2 N=2")
+            if (full, s) in cells and (lora, s) in cells]
+    if not rows:
+        return []
+
+    def run_minutes(family: str) -> str:
+        values = [minutes[r.name] for r in runs if r.family == family and r.name in minutes]
+        return f"{mean(values):.1f}" if values else "n/a"
+
+    out = ["### LoRA mode (the framework's memory option, not a paper claim)", "",
+           "The fake score as a rank-16 LoRA adapter on the frozen teacher (`stage.lora.fake_score=true`) against a "
+           "full fake-score copy, same seeds and budget:", "",
+           "| sampler | metric | full fake score | LoRA fake score |", "|---|---|---:|---:|"]
+    for sampler, a, b in rows:
+        for key, name, fmt, _ in METRICS:
+            if key in ("acc_joint", "toy_fd", "coverage"):
+                out.append(f"| {sampler} | {name} | {a.text(key, fmt)} | {b.text(key, fmt)} |")
+    out += ["", f"Mean minutes per training run: full {run_minutes(full)}, LoRA {run_minutes(lora)} (runs share the "
+            "machine with one other run, so minutes are indicative; `python benchmarks/lora.py` measures speed "
+            "and memory directly).", ""]
+    return out
+
+
 def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
     """toy-FD and joint accuracy against effective NFE (log x), seed range as error bars; the teacher's 50x2 line."""
     import matplotlib
@@ -231,6 +257,7 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
     ]
     for title, comps, note in claims(cells):
         lines += [f"### {title}: {verdict(comps)}", "", *(c.line() for c in comps), "", note, ""]
+    lines += lora_section(cells, train_minutes or {}, runs)
     lines += ["## Quality against cost: teacher, TMD, DMD2-v", "", table(headline, ref_seconds), "",
               f"![quality against effective NFE]({figure.name})", "", "## Ablations", "",
               table(ablations, ref_seconds), ""]

@@ -48,6 +48,8 @@ class Run:
 
 
 TMD_SAMPLERS = ({"M": 1, "N": 2}, {"M": 1, "N": 4}, {"M": 2, "N": 2}, {"M": 2, "N": 4})
+# LoRA mode (§9): the fake score as a rank-16 adapter on the teacher (rank 64 is nearly full size at the toy's width)
+LORA_FAKE_SCORE = ("stage.lora.fake_score=true", "stage.lora.rank=16", "stage.lora.alpha=16")
 DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}  # DMD2-v steps -> student grid shift (§5: 10 for 2 steps, 5 for 3-4)
 
 
@@ -70,7 +72,9 @@ def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
                  Run(f"tmd_noshift_s{k}", "distill", (*d, "stage.dmd_shift=1.0"), init=f"s1_tmmf_s{k}",
                      family="TMD, no t_dmd shift", seed=k, samplers=TMD_SAMPLERS),
                  Run(f"tmd_from_tm_s{k}", "distill", d, init=f"s1_tm_s{k}", family="TMD, Stage 1 plain TM", seed=k,
-                     samplers=TMD_SAMPLERS)]
+                     samplers=TMD_SAMPLERS),
+                 Run(f"tmd_lora_s{k}", "distill", (*d, *LORA_FAKE_SCORE), init=f"s1_tmmf_s{k}",
+                     family="TMD, LoRA fake score", seed=k, samplers=TMD_SAMPLERS)]
         runs += [Run(f"dmd2_m{m}_s{k}", "distill_dmd2", (*d, f"tmd.M={m}", f"stage.grid_gamma={gamma}"),
                      family=f"DMD2-v {m} step{'s' if m > 1 else ''}", seed=k, samplers=({"M": m},))
                  for m, gamma in DMD2_STEPS.items()]
