@@ -38,7 +38,8 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
     overrides = [a for a in args[3:] if not a.startswith("hydra.")]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("fit", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/o", *overrides])
-    assert cfg.seed == 3 and cfg.data.cache_decoded is False
+    assert cfg.seed == 3 and cfg.data.cache_decoded is False and cfg.data.toy.videos_per_caption == 4
+    assert cfg.data.toy.root == f"{tmp_path}/data/toy_quick_9x16x16"  # never the full study's toy world
     if run.experiment == "adapt_head":
         assert cfg.trainer.max_steps == QUICK.stage1_steps
         assert cfg.stage.plain_tm is ("plain TM" in run.family)
@@ -81,7 +82,8 @@ def test_verdicts():
     assert verdict([worse]) == "**does not hold**"
 
 
-def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys):
+def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("TMD_ROOT", str(tmp_path))  # the toy worlds go to tmp_path/data, as `fit` puts them
     out = tmp_path / "study"
     argv = ["--quick", "--seeds", "0", "--only", "s1_tmmf_s0,tmd_s0", "--out", str(out), "--jobs", "1"]
     main(argv)
@@ -97,6 +99,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys):
     tmd = {r["sampler"]: r for r in rows if r["run"] == "tmd_s0"}
     assert float(tmd["TMD M=2 N=2"]["effective_nfe"]) == pytest.approx(2 * (1 + 1 / 6))
     # the distilled run started from the Stage-1 run's final student
+    assert (tmp_path / "data" / "toy_quick_9x16x16" / "train" / "manifest.csv").is_file()
     log_text = (out / "runs" / "tmd_s0" / "config.yaml").read_text()
     assert str(out / "runs" / "s1_tmmf_s0" / "checkpoints" / "last.ckpt") in log_text
     scores = json.loads((out / "scores" / "tmd_s0.json").read_text())

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         rows = load_scores(runs, out)
     else:
-        prepare_toy_data()
+        prepare_toy_data(budget)
         train(runs, out, args.jobs)
         rows = score(runs, out, budget)
     minutes = {r.name: json.loads((run_dir(out, r.name) / "done.json").read_text())["seconds"] / 60 for r in runs

@@ -31,7 +31,9 @@ class Budget:
 
 FULL = Budget()
 QUICK = Budget(stage1_steps=10, distill_iterations=10, eval_prompts=12, eval_seeds=(0, 1), teacher_steps=20,
-               overrides=("data.cache_decoded=false",))  # decode only the few batches ten steps read
+               # a small toy world of its own (4 videos per caption), decoded only as far as ten steps read
+               overrides=("data.toy.root=${paths.data_dir}/toy_quick_${data.num_frames}x${data.height}x${data.width}",
+                          "data.toy.videos_per_caption=4", "data.cache_decoded=false"))
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def project_root() -> Path:
     return Path(os.environ.get("TMD_ROOT", os.getcwd())).resolve()
 
 
-def prepare_toy_data() -> None:
+def prepare_toy_data(budget: Budget) -> None:
     """Writes the toy world the runs train on once, before parallel runs could race to write it."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -163,5 +165,5 @@ def prepare_toy_data() -> None:
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("fit", overrides=["experiment=adapt_head", f"paths.root_dir={project_root()}",
-                                        "paths.output_dir=."])
+                                        "paths.output_dir=.", *budget.overrides])
     instantiate(cfg.data).prepare_data()
