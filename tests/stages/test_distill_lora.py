@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from torch.utils.data import DataLoader, Dataset
+from distill_data import _loader, _videos  # noqa: I001
 
 from tmd_lightning.data.toy_world import all_captions
 from tmd_lightning.export import export_checkpoint
@@ -47,28 +47,6 @@ def _stage(text_encoder, kind: str = "tmd", teacher: WanTransformer3DModel | Non
         student = TMDTransformer.from_teacher(teacher, head_blocks=1)
         return TMDDistillStage(student, teacher, PixelCodec(4), text_encoder, N=2, **kw)
     return DMD2Stage(copy.deepcopy(teacher), teacher, PixelCodec(4), text_encoder, **kw)
-
-
-def _videos(b: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    caps = all_captions()
-    return {"video": torch.randint(0, 256, (b, 9, 16, 16, 3), generator=g, dtype=torch.uint8),
-            "caption": [caps[(7 * i + seed) % len(caps)] for i in range(b)]}
-
-
-class _Videos(Dataset):
-    def __init__(self, n: int) -> None:
-        self.batch = _videos(n)
-
-    def __len__(self) -> int:
-        return len(self.batch["caption"])
-
-    def __getitem__(self, i: int) -> dict:
-        return {"video": self.batch["video"][i], "caption": self.batch["caption"][i]}
-
-
-def _loader(n: int = 10, batch_size: int = 2) -> DataLoader:
-    return DataLoader(_Videos(n), batch_size=batch_size, shuffle=True)
 
 
 def _trainer(root: Path) -> L.Trainer:
