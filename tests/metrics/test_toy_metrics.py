@@ -45,8 +45,8 @@ def test_accuracy_on_real_toy_videos(real, size):
     metric = ToyAccuracy()
     metric.update(videos, captions)
     scores = metric.compute()
-    assert set(scores) == {*ATTRIBUTES, "joint"}
-    for name in ATTRIBUTES:
+    assert set(scores) == {*ATTRIBUTES, "joint", "axis", "sign"}
+    for name in (*ATTRIBUTES, "axis", "sign"):
         assert float(scores[name]) >= 0.98, (size, name, float(scores[name]))
     assert float(scores["joint"]) >= 0.96
     assert int(metric.total) == 192
@@ -206,3 +206,18 @@ def test_toy_fd_real_vs_corrupted(real, real16_other):
         fd_bad = _fd(a, corrupted)
         assert fd_bad > 3 * fd_real, (name, fd_bad, fd_real)
     assert _fd(a, b) == pytest.approx(_fd(b, a), rel=1e-6)
+
+
+def test_axis_and_sign_separate_a_random_sign_from_a_wrong_axis(real):
+    """Time-reversed real videos: the axis stays right, the sign is always wrong (sign 0); a half-reversed set has
+    sign 0.5 with axis 1, which plain direction accuracy (0.5) cannot tell from a random axis."""
+    videos, captions = real[16]
+    metric = ToyAccuracy()
+    metric.update(videos.flip(1), captions)
+    scores = metric.compute()
+    assert float(scores["axis"]) >= 0.98 and float(scores["sign"]) <= 0.02 and float(scores["direction"]) <= 0.02
+    half = torch.cat([videos[::2], videos[1::2].flip(1)])
+    metric = ToyAccuracy()
+    metric.update(half, captions[::2] + captions[1::2])
+    scores = metric.compute()
+    assert float(scores["axis"]) >= 0.98 and abs(float(scores["sign"]) - 0.5) <= 0.02

@@ -72,12 +72,30 @@ def test_pixel_codec_has_no_parameters():
 
 @pytest.mark.parametrize("size", [(9, 18, 16), (9, 16, 15), (1, 3, 3)])
 def test_pixel_codec_latent_shape_rejects_indivisible_sizes(size):
-    with pytest.raises(ValueError, match="pixel patch"):
+    with pytest.raises(ValueError, match="size multiple of 4"):
         PixelCodec(4).latent_shape(*size)
 
 
 def test_pixel_codec_any_frame_count_is_fine():
     assert PixelCodec(4).latent_shape(6, 16, 16) == (48, 6, 4, 4)  # temporal factor 1: no 4k+1 requirement
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_pixel_codec_stacks_k_frames_after_the_first_like_wans_causal_vae(k):
+    """K frames per latent frame after frame 0 alone (repeated K times); exact round trip; Kk+1 frames required."""
+    codec = PixelCodec(4, frames_per_latent=k)
+    videos = _random_videos(2, 2 * k + 1, 16, 16)
+    latents = codec.encode(videos)
+    assert latents.shape[1:] == codec.latent_shape(2 * k + 1, 16, 16) == (48 * k, 3, 4, 4)
+    per_frame = PixelCodec(4).encode(videos)  # (B, 48, F, 4, 4): the K = 1 latents, one per frame
+    for j in range(k):  # channel block j of latent frame i holds video frame (i - 1) K + 1 + j; frame 0 in every block
+        block = latents[:, 48 * j : 48 * (j + 1)]
+        assert torch.equal(block[:, :, 0], per_frame[:, :, 0])
+        assert torch.equal(block[:, :, 1], per_frame[:, :, 1 + j])
+        assert torch.equal(block[:, :, 2], per_frame[:, :, 1 + k + j])
+    assert torch.equal(codec.decode(latents), videos)
+    with pytest.raises(ValueError, match=f"frames {k}k\\+1"):
+        codec.latent_shape(2 * k, 16, 16)
 
 
 # -------------------------------------------------------------------------------------------------- WanVAECodec

@@ -40,32 +40,45 @@ class Codec(nn.Module):
 
 
 class PixelCodec(Codec):
-    """Toy codec: pixels in [-1, 1], p x p space-to-depth -> (3 p^2) channels; exact inverse; no parameters."""
+    """Toy codec, shaped like Wan's causal VAE but lossless and without parameters.
 
-    temporal_factor = 1
+    Space: p x p space-to-depth. Time: the first frame alone, then K = `frames_per_latent` consecutive frames per
+    latent frame, stacked in channels (Wan's VAE: K = 4), so a video of K k + 1 frames has k + 1 latent frames of
+    3 p^2 K channels. The first latent frame holds frame 0 repeated K times (it differs in kind from the others,
+    as Wan's VAE encodes frame 0 alone); decoding averages the copies.
 
-    def __init__(self, patch: int = 4) -> None:
+    Why stack frames: with K = 1 a token is one frame, and since Wan's RoPE is relative a token cannot tell which
+    end of the clip it is at, so a clip and its time reversal look alike; a stack of K >= 2 frames carries the
+    arrow of time in its channel order (docs/method.md, "The toy world").
+    """
+
+    def __init__(self, patch: int = 4, frames_per_latent: int = 1) -> None:
         super().__init__()
+        if patch < 1 or frames_per_latent < 1:
+            raise ValueError(f"patch ({patch}) and frames_per_latent ({frames_per_latent}) must be >= 1")
         self.spatial_factor = patch
-        self.latent_channels = 3 * patch * patch
+        self.temporal_factor = frames_per_latent
+        self.latent_channels = 3 * patch * patch * frames_per_latent
 
     def encode(self, videos: torch.Tensor) -> torch.Tensor:
         x = _to_unit(videos)
         b, c, f, h, w = x.shape
-        p = self.spatial_factor
-        x = x.reshape(b, c, f, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5)
-        return x.reshape(b, c * p * p, f, h // p, w // p)
+        self.latent_shape(f, h, w)
+        k, p = self.temporal_factor, self.spatial_factor
+        x = torch.cat([x[:, :, :1].expand(-1, -1, k, -1, -1), x[:, :, 1:]], dim=2)  # frame 0 repeated K times
+        t = x.shape[2] // k
+        x = x.reshape(b, c, t, k, h // p, p, w // p, p).permute(0, 3, 1, 5, 7, 2, 4, 6)  # (b, k, c, p, p, t, h, w)
+        return x.reshape(b, k * c * p * p, t, h // p, w // p)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        b, cpp, f, hp, wp = latents.shape
-        p = self.spatial_factor
-        x = latents.reshape(b, cpp // (p * p), p, p, f, hp, wp).permute(0, 1, 4, 5, 2, 6, 3)
-        return _to_uint8(x.reshape(b, cpp // (p * p), f, hp * p, wp * p))
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        if height % self.spatial_factor or width % self.spatial_factor:
-            raise ValueError(f"video {height}x{width} is not divisible by the pixel patch {self.spatial_factor}")
-        return self.latent_channels, num_frames, height // self.spatial_factor, width // self.spatial_factor
+        b, ch, t, hp, wp = latents.shape
+        k, p = self.temporal_factor, self.spatial_factor
+        c = ch // (k * p * p)
+        x = latents.reshape(b, k, c, p, p, t, hp, wp).permute(0, 2, 5, 1, 6, 3, 7, 4)  # (b, c, t, k, h, p, w, p)
+        x = x.reshape(b, c, t, k, hp * p, wp * p)
+        first = x[:, :, 0].mean(dim=2, keepdim=True)  # the K copies of frame 0
+        rest = x[:, :, 1:].reshape(b, c, (t - 1) * k, hp * p, wp * p)
+        return _to_uint8(torch.cat([first, rest], dim=2))
 
 
 class WanVAECodec(Codec):
