@@ -75,11 +75,14 @@ def vsd_gradient(x_hat: torch.Tensor, g_fake: torch.Tensor, g_real: torch.Tensor
 
 
 def vsd_loss(x_hat: torch.Tensor, grad: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """`‖x̂ - sg(x̂ - grad)‖²`: its gradient w.r.t. x̂ is `2 grad` (sum) or `2 grad / numel` (mean).
+    """`½ ‖x̂ - sg(x̂ - grad)‖²`, a surrogate whose x̂-gradient is the DMD direction `grad`, scaled.
 
-    "mean" averages over elements and batch (as DMD2's code); "sum" sums per sample and averages over the batch.
+    "mean" (default) averages over every element, as DMD2's and NVIDIA FastGen's `0.5 * mse(x̂, sg(x̂ - grad))`:
+    the x̂-gradient is `grad / numel`, the convention the paper's GAN weight λ = 0.03 refers to. "sum" sums over each
+    sample's elements and averages over the batch: the x̂-gradient is `grad / batch`, d times larger (d = elements per
+    sample), so the same balance needs λ·d.
     """
-    diff = (x_hat.float() - (x_hat.float() - grad).detach()).pow(2)
+    diff = 0.5 * (x_hat.float() - (x_hat.float() - grad).detach()).pow(2)
     if reduction == "mean":
         return diff.mean()
     if reduction == "sum":

@@ -297,10 +297,12 @@ def working_set_bytes(s: Sizes, rows: int, mixed: bool) -> int:
 
 
 def discriminator_bytes(s: Sizes, heads: int, hidden: int, rows: int, mixed: bool) -> int:
-    """Conv3D heads on teacher features: per head and token the feature map, its compute-dtype cast and the
-    hidden activations (conv output, GroupNorm output, SiLU output). An estimate, not measured."""
+    """Conv3D heads on teacher features (`models.discriminator.ConvHead`): per head the feature map, its
+    compute-dtype cast and the GroupNorm output at every token, then each convolution's output, SiLU output and
+    cast at 1/4 (stride (1, 2, 2)) and 1/32 (stride 2) of the tokens. An estimate, not measured."""
     low = 2 if mixed else 4
-    return rows * s.tokens * heads * (low * s.dim + low * s.dim + (3 * 4 + low) * hidden)
+    per_token = (2 * low + 4) * s.dim + (3 * 4 + low) * hidden * (1 / 4 + 1 / 32)
+    return int(rows * s.tokens * heads * per_token)
 
 
 @dataclass(frozen=True)

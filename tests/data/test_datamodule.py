@@ -117,7 +117,8 @@ def test_num_frames_must_be_4k_plus_1(tmp_path, num_frames):
 
 def test_valid_num_frames_accepted(tmp_path):
     for num_frames in (1, 5, 9, 13, 17):
-        VideoTextDataModule(toy={"root": str(tmp_path)}, num_frames=num_frames)
+        dm = VideoTextDataModule(toy={"root": str(tmp_path)}, num_frames=num_frames)
+        assert dm.hparams.num_frames == num_frames
 
 
 def test_size_must_match_spatial_multiple(tmp_path):

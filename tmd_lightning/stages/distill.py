@@ -60,7 +60,8 @@ class DistillStage(VideoStage):
         dmd_shift, dmd_t_min, dmd_t_max: the VSD / critic time `t = shift(U(t_min, t_max), dmd_shift)`.
         gan_weight: λ in `L_vsd + λ L_gan`; use_gan: the "no GAN" ablation when False.
         student_every: TTUR period (5: one student iteration, then four critic iterations).
-        vsd_reduction: "mean" over all elements (DMD2's code; λ = 0.03 is relative to it) or "sum" per sample.
+        vsd_reduction: "mean": ½ mean over all elements (DMD2 / FastGen; λ = 0.03 refers to it); "sum": ½ sum per
+            sample (its x̂-gradient is d times larger, d = elements per sample).
         grad_clip: max gradient norm per network (None: no clipping; norms are logged either way).
         max_iterations: stop after this many iterations (None: let the trainer decide).
         lora: LoRA mode (`models.lora.LoraSettings`: fake_score, student, rank, alpha, target_modules). With
@@ -78,7 +79,7 @@ class DistillStage(VideoStage):
                  negative_prompt: str = "", M: int = 2, grid_gamma: float = 10.0, t_max: float = 0.999,
                  cfg_scale: float = 5.0, dmd_shift: float = 5.0, dmd_t_min: float = 0.001, dmd_t_max: float = 0.999,
                  gan_weight: float = 0.03, use_gan: bool = True, student_every: int = 5,
-                 vsd_reduction: str = "mean", grad_clip: float | None = 1.0, teacher_dtype: str = "bfloat16",
+                 vsd_reduction: str = "mean", grad_clip: float | None = None, teacher_dtype: str = "bfloat16",
                  max_iterations: int | None = None, lora: dict[str, Any] | None = None,
                  activation_checkpointing: bool = False) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
