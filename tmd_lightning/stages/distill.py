@@ -33,7 +33,7 @@ from tmd_lightning.models.lora import (
     cast_keeping_adapters,
     merged_copy,
 )
-from tmd_lightning.models.wan_parts import block_features
+from tmd_lightning.models.wan_parts import block_features, wan_velocity
 from tmd_lightning.sampling import effective_nfe, shift, time_grid
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import few_step_wan_sample, student_latents, student_nfe
@@ -174,9 +174,7 @@ class DistillStage(VideoStage):
         return shift(torch.rand(b, device=self.device) * (h.dmd_t_max - h.dmd_t_min) + h.dmd_t_min, h.dmd_shift)
 
     def wan_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        dtype = next(net.parameters()).dtype
-        v = net(x_t.to(dtype), timestep=t * 1000.0, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
-        return v.float()
+        return wan_velocity(net, x_t, t, text)
 
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """g_real: the teacher's x0 with CFG, the pair as one batched forward."""
