@@ -101,9 +101,9 @@ class GatedFusion(nn.Module):
     """`z = m + σ(α) · W_out GELU(W_in (LN(h)(1 + scale_s) + shift_s))`, with `W_out = 0` at init, so `z = m`.
 
     scale/shift are Wan's shared modulation of the head's time embedding (its first two chunks) plus a learnable
-    offset, as Wan's blocks add their `scale_shift_table`. Computed in float32 (the module is kept in float32 in a
-    bf16 student, like Wan's time embedder) and added to `m` in m's dtype: a small step of the inner sample, such
-    as Stage 1's finite difference takes, then reaches `z` unrounded.
+    offset, as Wan's blocks add their `scale_shift_table`. The module is kept in float32 in a bf16 student (like the
+    time embedder, it takes the inner sample's small steps): it computes in its weights' dtype (under autocast, in
+    autocast's) and adds its output to `m` in float32 before casting to m's dtype.
     """
 
     def __init__(self, dim: int, hidden_dim: int, gate_init: float = 0.0, eps: float = 1e-6) -> None:
@@ -257,20 +257,19 @@ class TMDTransformer(ModelMixin, ConfigMixin):
         student's compute dtype.
 
         The text projection from the backbone call is reused when `encoder_hidden_states` is the tensor the
-        backbone saw (or None); any other text is projected afresh. The inner sample and times are embedded, and
-        fused with `m`, in float32 (autocast off): the step of Stage 1's finite difference, ±δ·ṽ, is one or two bf16
-        ulps of y_s and would vanish if the sample were rounded to bf16 first. Only the fused tokens enter the
-        blocks in the compute dtype.
+        backbone saw (or None); any other text is projected afresh. The inner sample and the times are embedded in
+        float32 (autocast off), so the step of Stage 1's finite difference, ±δ·ṽ (one or two bf16 ulps of y_s) and
+        s ± δ, is not rounded away before the fusion; the fused tokens enter the blocks in the compute dtype.
         """
         wan = self.wan
         if encoder_hidden_states is None or encoder_hidden_states is m.encoder_hidden_states:
             text = m.text
         else:
             text = wan.condition_embedder.text_embedder(encoder_hidden_states.to(compute_dtype(wan)))
-        with _float32(sample.device):
+        with _float32(sample.device):  # per-sample time MLPs and a (C·p -> D) projection: float32 costs nothing
             e, modulation = self.head_embedding(s, r)
             h = _conv32(wan.patch_embedding, sample).flatten(2).transpose(1, 2)
-            z = self.inner_fusion(m.hidden_states, h, modulation)
+        z = self.inner_fusion(m.hidden_states, h, modulation)
         z = run_blocks(wan, wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
         return output_head(wan, z, e, m.grid)
 
