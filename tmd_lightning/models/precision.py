@@ -60,4 +60,3 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         else:
             module._buffers[attr] = tensor.to(target)
     return model
-

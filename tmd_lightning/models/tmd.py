@@ -101,9 +101,9 @@ class GatedFusion(nn.Module):
     """`z = m + σ(α) · W_out GELU(W_in (LN(h)(1 + scale_s) + shift_s))`, with `W_out = 0` at init, so `z = m`.
 
     scale/shift are Wan's shared modulation of the head's time embedding (its first two chunks) plus a learnable
-    offset, as Wan's blocks add their `scale_shift_table`. The module is kept in float32 in a bf16 student (like the
-    time embedder, it takes the inner sample's small steps): it computes in its weights' dtype (under autocast, in
-    autocast's) and adds its output to `m` in float32 before casting to m's dtype.
+    offset, as Wan's blocks add their `scale_shift_table`. A bf16 student keeps this module in float32, as Wan keeps
+    its time embedder: it computes in its weights' dtype (under autocast, in autocast's) and adds its output to `m`
+    in float32 before casting to m's dtype.
     """
 
     def __init__(self, dim: int, hidden_dim: int, gate_init: float = 0.0, eps: float = 1e-6) -> None:

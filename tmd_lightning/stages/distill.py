@@ -188,8 +188,7 @@ class DistillStage(VideoStage):
         return x_t - _rows(t) * v
 
     def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
-        dtype = next(self.teacher.parameters()).dtype
-        return block_features(self.teacher, x_t.to(dtype), t, text.to(dtype), self.discriminator.feature_blocks)
+        return block_features(self.teacher, x_t, t, text, self.discriminator.feature_blocks)  # cast by `embed`
 
     def ensure_finite(self, name: str, value: torch.Tensor) -> None:
         """A NaN/inf stops the run with a message naming it, after saving the last good state.
