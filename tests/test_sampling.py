@@ -276,7 +276,7 @@ def test_tmd_trajectory_records_outer_and_inner_steps_and_leaves_the_sample_unch
 
 # ------------------------------------------------------------------------------------------------------ bf16
 
-BF16_SAMPLE_TOLERANCE = 0.02  # relative L2 distance bf16 vs float32 (measured 0.003-0.007 on this tiny model)
+BF16_SAMPLE_TOLERANCE = 0.02  # relative L2 bf16 vs float32; measured teacher 0.009, TMD 0.004, DMD2-v 0.004
 
 
 def test_bf16_weights_sample_like_float32():
