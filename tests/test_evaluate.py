@@ -116,3 +116,26 @@ def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
     assert rows[0]["fvd"] == pytest.approx(float(fvd.compute()), rel=1e-6)
     assert "| FVD |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "pareto.png").is_file()
+
+
+def test_evaluate_dtype_sets_every_models_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """`dtype=bfloat16` reaches every model evaluate loads (diffusers' float32-kept modules stay float32)."""
+    import tmd_lightning.evaluate as evaluate
+
+    dtypes = []
+    prepare = evaluate.prepare_stage
+
+    def prepared(*args):
+        stage = prepare(*args)
+        dtypes.append({p.dtype for p in stage.network.parameters()})
+        return stage
+
+    monkeypatch.setattr(evaluate, "prepare_stage", prepared)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", "seeds=[0]", "dtype=bfloat16",
+            "prompts=[a red circle moving left]", "toy_metrics=false", "samples_per_row=0",
+            "models=[{label: teacher, path: ${model.pretrained}, samplers: [{steps: 1, cfg: 1.0}]}]"])
+    rows = run(cfg)
+    assert len(rows) == 1 and dtypes == [{torch.bfloat16, torch.float32}]
+    assert "cpu, bfloat16 weights" in capsys.readouterr().out

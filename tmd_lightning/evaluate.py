@@ -24,7 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.toy_world import FPS, write_mp4
-from tmd_lightning.evaluation import generate, load_model, resolve_prompts, sampler_label, toy_reference, toy_report
+from tmd_lightning.evaluation import (
+    generate,
+    load_model,
+    prepare_stage,
+    resolve_device,
+    resolve_prompts,
+    sampler_label,
+    toy_reference,
+    toy_report,
+)
+from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)
@@ -159,6 +169,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
     shape = (cfg.num_frames, cfg.height, cfg.width)
     fvd, clip = video_metrics(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     reference = toy_reference(cfg) if cfg.get("toy_metrics", True) else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +181,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                 raise FileNotFoundError(f"{spec['label']}: {spec['path']} does not exist")
             log.warning("skipping %s: %s does not exist (train it first)", spec["label"], spec["path"])
             continue
-        stage = load_model(spec["path"], codec, text_encoder, cfg.model.negative_prompt).eval()
+        stage = prepare_stage(load_model(spec["path"], codec, text_encoder, cfg.model.negative_prompt), device, dtype)
         for opts in spec["samplers"]:
             videos, seconds = generate(stage, pairs, shape, cfg.batch_size, **opts)
             row = {"model": spec["label"], "sampler": sampler_label(opts), **{k: opts[k] for k in ("M", "N")
@@ -196,7 +208,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         writer.writerows(rows)
     metric = "fvd" if all("fvd" in r for r in rows) else "toy_fd" if all("toy_fd" in r for r in rows) else None
     plot = pareto_plot(rows, out / "pareto.png", metric) if metric else None
-    print(f"\n{table}\n\n{len(pairs)} videos per row ({len(prompts)} prompts x {len(cfg.seeds)} seeds)")
+    print(f"\n{table}\n\n{len(pairs)} videos per row ({len(prompts)} prompts x {len(cfg.seeds)} seeds; {device}, "
+          f"{str(dtype).removeprefix('torch.')} weights)")
     print(f"table:  {out / 'results.md'}\ncsv:    {out / 'results.csv'}" + (f"\nplot:   {plot}" if plot else ""))
     if cfg.get("samples_per_row"):
         print(f"videos: {out / 'samples'} ({cfg.samples_per_row} per row)")

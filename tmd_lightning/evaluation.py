@@ -15,6 +15,7 @@ from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import all_captions, generate_toy_dataset
 from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
 from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.models.precision import cast_model, resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
@@ -64,6 +65,21 @@ def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.
     if str(path).endswith(".ckpt"):
         return load_checkpoint_stage(path, codec, text_encoder)
     return load_pretrained_stage(path, codec, text_encoder, negative_prompt)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the GPU when there is one, else the CPU; any other name as given ("cpu", "cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_stage(stage: VideoStage, device: torch.device, dtype: str | torch.dtype = "auto") -> VideoStage:
+    """The stage ready to sample: its network's weights in `dtype` ("auto": bf16 on a GPU, float32 on the CPU),
+    diffusers' float32-kept modules (time embedder, norms, modulation tables) left in float32, on `device`, in eval
+    mode. The codec and text encoder keep their own dtypes; the samplers cast the model's inputs."""
+    cast_model(stage.network, resolve_dtype(dtype, device))
+    return stage.to(device).eval()
 
 
 def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,

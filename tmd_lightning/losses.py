@@ -33,17 +33,21 @@ def finite_difference_ds(u_fn, sample: torch.Tensor, s: torch.Tensor, velocity: 
                          lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """`d/ds u(y_s, s)` along `dy/ds = velocity` by a central difference, one-sided where s ± δ leaves [lo, hi].
 
-    `u_fn(samples, s)` is called once, on the two stencil points stacked along the batch.
+    `u_fn(samples, s)` is called once, on the two stencil points stacked along the batch. The stencil (times and
+    samples) and the difference quotient are formed in float32 (or the inputs' wider dtype) whatever dtype the model
+    computes in: ±δ·velocity is one or two bf16 ulps of the sample and s ± δ a few bf16 ulps of s, so rounding
+    them to bf16 would replace the step by rounding noise; `u_fn` gets them unrounded and casts where it must.
     """
+    wide = torch.promote_types(sample.dtype, torch.float32)
+    sample, s, velocity = sample.to(wide), s.to(wide), velocity.to(wide)
     s_hi = torch.where(s + delta <= hi, s + delta, s)
     s_lo = torch.where(s - delta >= lo, s - delta, s)
     width = s_hi - s_lo
     if bool((width <= 0).any()):
         raise ValueError(f"finite-difference step delta={delta} leaves no room inside [{lo}, {hi}]")
-    stencil = torch.cat([sample + _rows(s_hi - s).to(sample) * velocity,
-                         sample + _rows(s_lo - s).to(sample) * velocity])
-    u_hi, u_lo = u_fn(stencil, torch.cat([s_hi, s_lo])).chunk(2)
-    return (u_hi - u_lo) / _rows(width).to(u_hi)
+    stencil = torch.cat([sample + _rows(s_hi - s) * velocity, sample + _rows(s_lo - s) * velocity])
+    u_hi, u_lo = u_fn(stencil, torch.cat([s_hi, s_lo])).to(wide).chunk(2)
+    return (u_hi - u_lo) / _rows(width)
 
 
 def meanflow_target(v_tilde: torch.Tensor, du_ds: torch.Tensor | None, s: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Entry point: `python -m tmd_lightning.sample [checkpoint=...] [prompts=...] [seeds=[...]] [sampler.steps=...]`.
+"""Entry point: `python -m tmd_lightning.sample [checkpoint=...] [prompts=...] [seeds=[...]] [sampler.steps=...]
+[dtype=auto|float32|bfloat16]`.
 
 Writes one MP4 per (prompt, seed) and a manifest of what it wrote (the same format the DataModule reads), prints
 the effective NFE and seconds per video, and, when the prompts are toy captions, the toy accuracy and toy-FD.
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption, write_mp4
-from tmd_lightning.evaluation import resolve_prompts, toy_reference, toy_report
+from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts, toy_reference, toy_report
+from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
@@ -45,9 +47,9 @@ def load_stage(cfg: DictConfig) -> VideoStage:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Samples every (prompt, seed), writes the MP4s and a manifest; returns the summary it prints."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    stage = load_stage(cfg).to(device).eval()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    stage = prepare_stage(load_stage(cfg), device, dtype)
     prompts = resolve_prompts(cfg.prompts)
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
     sampler = stage.sampler_options(**OmegaConf.to_container(cfg.sampler, resolve=True))
@@ -70,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "source": str(cfg.get("checkpoint") or cfg.model.pretrained), "videos": len(pairs),
         "sampler": sampler, "effective_nfe": stage.sampler_nfe(**sampler), "seconds_per_video": seconds,
-        "device": str(device), "manifest": str(manifest),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "manifest": str(manifest),
     }
     try:
         for p in prompts:
@@ -80,7 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pass  # not toy prompts: no analytic metrics
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {len(pairs)} videos and {manifest}")
-    print(f"effective NFE: {summary['effective_nfe']:g}   seconds per video: {seconds:.4f} ({device})")
+    print(f"effective NFE: {summary['effective_nfe']:g}   seconds per video: {seconds:.4f} ({device}, "
+          f"{summary['dtype']} weights)")
     if "toy" in summary:
         t = summary["toy"]
         line = "  ".join(f"{k}: {v:.3f}" for k, v in t.items() if k.startswith("acc_"))

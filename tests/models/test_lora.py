@@ -129,6 +129,7 @@ def test_bf16_base_with_float32_adapters(tiny_wan_config):
     cast_keeping_adapters(wan, torch.bfloat16)
     assert {p.dtype for p in view.parameters()} == {torch.float32}
     assert view.base_dtype() == torch.bfloat16 and wan.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.bfloat16
+    assert wan.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32  # diffusers' float32 modules
     x = _inputs()  # float32 inputs, cast by the view
     out = view(**x, return_dict=False)[0]
     assert out.dtype == torch.bfloat16

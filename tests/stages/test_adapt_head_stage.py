@@ -154,3 +154,88 @@ def test_generate_is_seeded_and_reports_effective_nfe(text_encoder):
 def test_invalid_finite_difference_step_is_rejected_at_construction(text_encoder):
     with pytest.raises(ValueError, match="fd_delta"):
         _stage(text_encoder, fd_delta=0.0)
+
+
+def _moved(stage: AdaptHeadStage) -> AdaptHeadStage:
+    """The student's new parts off their init, so that s - r and y_s both change the head (a trained-looking head)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in (stage.student.delta_embedder.linear_2.weight, stage.student.inner_fusion.proj_out.weight):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return stage
+
+
+def test_stage1_full_loss_matches_the_equations(text_encoder):
+    """Every path at once: dropped and kept captions (CFG target), r = s and r < s rows (finite-difference term).
+    The stage's loss equals a recomputation written from the TM-MeanFlow equations, all rows at once, one head call
+    per term (the stage batches rows by kind and stacks the two stencil points)."""
+    stage = _moved(_stage(text_encoder, cond_dropout=0.5, p_r_equals_s=0.5)).eval()
+    b, omega, delta = 8, 3.0, 5e-3
+    batch = _batch(b)
+    x, text = stage.encode_batch(batch)
+    loss, stats = stage.tm_meanflow_loss(x, text, torch.Generator().manual_seed(5))
+    # the stage's draws, replayed in its order: t index, eps, dropout, y1, s, r-uniform
+    g = torch.Generator().manual_seed(5)
+    t = stage.outer_grid[1 + (torch.rand(b, generator=g) * stage.M).long()]  # t_i ~ Uniform{t_1 .. t_M}
+    eps = torch.randn(x.shape, generator=g)
+    dropped = torch.rand(b, generator=g) < 0.5
+    y1 = torch.randn(x.shape, generator=g)
+    u01 = torch.rand(b, generator=g) * (0.999 - 0.001) + 0.001
+    s = 3 * u01 / (2 * u01 + 1)  # shift(u, 3)
+    r_grid = torch.stack([max(p for p in stage.inner_grid if p <= si) for si in s])  # largest grid point <= s
+    r = torch.where(torch.rand(b, generator=g) < 0.5, s, r_grid)
+    flow_rows = r < s
+    assert dropped.any() and (~dropped).any() and flow_rows.any() and (~flow_rows).any()  # both kinds of each
+
+    rows = lambda a: a.view(-1, 1, 1, 1, 1)  # noqa: E731
+    neg = stage.negative_embedding(b)
+    c = torch.where(rows(dropped)[:, :, 0, 0], neg, text)
+    x_t = (1 - rows(t)) * x + rows(t) * eps
+    y = eps - x
+    y_s, v = (1 - rows(s)) * y + rows(s) * y1, y1 - y
+    student = stage.student
+    with torch.no_grad():
+        m, m_neg = student.backbone(x_t, t, c), student.backbone(x_t, t, neg)
+
+        def u(sample, s_, r_, m_):  # u_θ(y_s, s, r) = y1 - head(y_s, s, r)
+            return y1 - student.head(sample, s_, r_, m_)
+
+        v_tilde = torch.where(rows(dropped), v, omega * v + (1 - omega) * u(y_s, s, s, m_neg))
+        s_hi = torch.where(s + delta <= 1, s + delta, s)  # one-sided at the borders
+        s_lo = torch.where(s - delta >= 0, s - delta, s)
+        du_ds = (u(y_s + rows(s_hi - s) * v_tilde, s_hi, r, m)
+                 - u(y_s + rows(s_lo - s) * v_tilde, s_lo, r, m)) / rows(s_hi - s_lo)
+        target = torch.where(rows(flow_rows), v_tilde - rows(s - r) * du_ds, v_tilde)
+        e = (u(y_s, s, r, m) - target).pow(2).flatten(1).sum(1)
+    d = x[0].numel()
+    assert (v_tilde - v)[~dropped].abs().max() > 0.1 and (target - v_tilde)[flow_rows].abs().max() > 0.1
+    torch.testing.assert_close(loss.detach(), (e / (e + d)).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["mse"], (e / d).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["mse_flow_map"], (e / d)[flow_rows].mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("full_precision", [True, False])
+def test_stage1_finite_difference_under_bf16_autocast(text_encoder, monkeypatch, full_precision):
+    """Under `bf16-mixed` (float32 weights, bf16 autocast) the two finite-difference passes run with autocast off by
+    default: their du/ds is then within 1 % of the float32 run's (measured 0.3 %, the rest from the bf16 features m);
+    in bf16 activations it is off by several times that (measured 2 %: the ±δ step is a few bf16 ulps)."""
+    import tmd_lightning.stages.adapt_head as adapt_head
+
+    found: list[torch.Tensor] = []
+    original = adapt_head.finite_difference_ds
+
+    def recorded(*args, **kwargs):  # the stage's du/ds, as it computed it
+        found.append(original(*args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(adapt_head, "finite_difference_ds", recorded)
+    stage = _moved(_stage(text_encoder, cond_dropout=0.5, p_r_equals_s=0.5, fd_full_precision=full_precision)).eval()
+    x, text = stage.encode_batch(_batch(8))
+    with torch.no_grad():
+        stage.tm_meanflow_loss(x, text, torch.Generator().manual_seed(5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stage.tm_meanflow_loss(x, text, torch.Generator().manual_seed(5))
+    reference, mixed = found
+    error = float((mixed - reference).norm() / reference.norm())
+    assert mixed.dtype == torch.float32
+    assert error < 0.01 if full_precision else error > 0.01, error

@@ -25,6 +25,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from tmd_lightning.models.precision import cast_model, fp32_module_names
+
 FAKE_SCORE = "fake_score"
 STUDENT = "student"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -146,12 +148,13 @@ def _layer_adapter_params(layer: BaseTunerLayer) -> Iterator[nn.Parameter]:
 
 
 def cast_keeping_adapters(model: nn.Module, dtype: torch.dtype, adapter_dtype: torch.dtype = torch.float32) -> None:
-    """`model.to(dtype)` (a bf16 frozen teacher), with every adapter parameter kept in `adapter_dtype`.
+    """`model` cast to `dtype` (a bf16 frozen teacher) as diffusers loads one, its `_keep_in_fp32_modules` (time
+    embedder, norms, modulation tables) kept float32, and every adapter parameter kept in `adapter_dtype`.
 
     peft's LoRA layers cast their input to the adapter's dtype and the result back to the base output's dtype, so a
     bf16 base with float32 adapters runs as is (and trains the adapters in float32).
     """
-    model.to(dtype)
+    cast_model(model, dtype)
     for layer in tuner_layers(model):
         for p in _layer_adapter_params(layer):
             p.data = p.data.to(adapter_dtype)
@@ -187,9 +190,11 @@ class AdapterView(nn.Module):
             yield (f"{prefix}.{name}" if prefix else name), p
 
     def base_dtype(self) -> torch.dtype:
-        """The dtype of the host's (non-adapter) weights: what its inputs must be cast to."""
-        adapter = {id(p) for p in self.parameters()}
-        return next(p.dtype for p in self.host.parameters() if id(p) not in adapter)
+        """The dtype of the host's (non-adapter) weights outside its float32-kept modules: what its inputs must be
+        cast to."""
+        adapter, keep = {id(p) for p in self.parameters()}, fp32_module_names(self.host)
+        return next(p.dtype for name, p in self.host.named_parameters()
+                    if id(p) not in adapter and not keep.intersection(name.split(".")))
 
     @contextmanager
     def active(self) -> Iterator[None]:

@@ -14,16 +14,19 @@ whose last layer starts at zero), the inner-sample fusion ("gated" or "concat"),
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin, WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
-from tmd_lightning.models.wan_parts import embed, output_head, run_blocks
+from tmd_lightning.models.wan_parts import compute_dtype, embed, output_head, run_blocks
 
 FUSIONS = ("gated", "concat")
 
@@ -31,6 +34,30 @@ FUSIONS = ("gated", "concat")
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(B,) times -> (B, 1, 1, 1, 1), to scale video-shaped tensors per row."""
     return x.view(-1, *([1] * 4))
+
+
+@contextmanager
+def _float32(device: torch.device) -> Iterator[None]:
+    """Autocast off: the head's time path and inner-sample path compute in float32 under `bf16-mixed` too."""
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` with x cast to the module's weight dtype (float32 for the modules kept in float32), as float32."""
+    return module(x.to(next(module.parameters()).dtype)).float()
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in float32 whatever the weights' dtype (a bf16 layer's weights are upcast for this call)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def _conv32(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` in float32 whatever the weights' dtype."""
+    bias = None if conv.bias is None else conv.bias.float()
+    return F.conv3d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 @dataclass
@@ -64,12 +91,19 @@ class BackboneOutput:
     def detach(self) -> BackboneOutput:
         return replace(self, hidden_states=self.hidden_states.detach(), text=self.text.detach())
 
+    def to(self, dtype: torch.dtype) -> BackboneOutput:
+        """`m` and the projected text in `dtype` (e.g. float32 for head calls with autocast off)."""
+        return replace(self, hidden_states=self.hidden_states.to(dtype), text=self.text.to(dtype),
+                       encoder_hidden_states=None)
+
 
 class GatedFusion(nn.Module):
     """`z = m + σ(α) · W_out GELU(W_in (LN(h)(1 + scale_s) + shift_s))`, with `W_out = 0` at init, so `z = m`.
 
     scale/shift are Wan's shared modulation of the head's time embedding (its first two chunks) plus a learnable
-    offset, as Wan's blocks add their `scale_shift_table`.
+    offset, as Wan's blocks add their `scale_shift_table`. A bf16 student keeps this module in float32, as Wan keeps
+    its time embedder: it computes in its weights' dtype (under autocast, in autocast's) and adds its output to `m`
+    in float32 before casting to m's dtype.
     """
 
     def __init__(self, dim: int, hidden_dim: int, gate_init: float = 0.0, eps: float = 1e-6) -> None:
@@ -87,9 +121,10 @@ class GatedFusion(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, m: torch.Tensor, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation_offset + modulation[:, :2].float()).chunk(2, dim=1)
-        x = (self.norm(h.float()) * (1 + scale) + shift).type_as(h)
-        return m + torch.sigmoid(self.gate).to(m.dtype) * self.proj_out(self.act(self.proj_in(x)))
+        shift, scale = (self.modulation_offset.float() + modulation[:, :2].float()).chunk(2, dim=1)
+        x = self.norm(h.float()) * (1 + scale) + shift
+        out = _in_own_dtype(self.proj_out, self.act(_in_own_dtype(self.proj_in, x)))
+        return (m.float() + torch.sigmoid(self.gate.float()) * out).to(m.dtype)
 
 
 class ConcatFusion(nn.Module):
@@ -108,7 +143,8 @@ class ConcatFusion(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, m: torch.Tensor, h: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.cat([m, h.to(m.dtype)], dim=-1))
+        """In the projection's dtype (float32 in a bf16 student), returned in m's dtype."""
+        return _in_own_dtype(self.proj, torch.cat([m.float(), h.float()], dim=-1)).to(m.dtype)
 
 
 class TMDTransformer(ModelMixin, ConfigMixin):
@@ -129,8 +165,9 @@ class TMDTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["WanTransformerBlock"]
-    _keep_in_fp32_modules = ["rope", "time_embedder", "delta_embedder", "scale_shift_table", "norm1", "norm2",
-                             "norm3"]
+    # diffusers' rule for Wan, plus the new parts, which take the inner time and sample (see `head`)
+    _keep_in_fp32_modules = ["rope", "time_embedder", "delta_embedder", "inner_fusion", "scale_shift_table", "norm1",
+                             "norm2", "norm3"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm", "delta_embedder"]
 
     @register_to_config
@@ -201,29 +238,37 @@ class TMDTransformer(ModelMixin, ConfigMixin):
                             inputs.text, inputs.modulation, inputs.rotary_emb)
         return BackboneOutput(hidden, inputs.text, inputs.rotary_emb, inputs.grid, encoder_hidden_states)
 
-    def head_embedding(self, s: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`e = time_embedder(sin(1000 s)) + Δ_embedder(sin(1000 (s - r)))`, shape (B, D)."""
+    def head_embedding(self, s: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's time conditioning, float32: `e = time_embedder(sin(1000 s)) + Δ_embedder(sin(1000 (s - r)))`
+        (B, D), which modulates the output head, and the blocks' modulation `time_proj(act(e))` (B, 6, D).
+
+        Wan casts its time embedding to the compute dtype before `time_proj`; here `time_proj` runs on the float32
+        embedding (a bf16 student's weights upcast: one (D, 6D) product per sample), so that times a few 1e-3 apart,
+        Stage 1's s ± δ, still give different modulations in a bf16 student.
+        """
         embedder = self.wan.condition_embedder
-        mlp_dtype = next(embedder.time_embedder.parameters()).dtype
-        e = embedder.time_embedder(embedder.timesteps_proj(s * 1000.0).to(mlp_dtype))
-        e = e + self.delta_embedder(embedder.timesteps_proj((s - r) * 1000.0).to(mlp_dtype))
-        return e.to(dtype)
+        e = _in_own_dtype(embedder.time_embedder, embedder.timesteps_proj(s * 1000.0))
+        e = e + _in_own_dtype(self.delta_embedder, embedder.timesteps_proj((s - r) * 1000.0))
+        return e, _linear32(embedder.time_proj, embedder.act_fn(e)).unflatten(1, (6, -1))
 
     def head(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,
              encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """`head_θ(y_s, s, r; m, c)`: fusion + blocks L-H .. L-1 + Wan's output head; shaped like `sample`.
+        """`head_θ(y_s, s, r; m, c)`: fusion + blocks L-H .. L-1 + Wan's output head; shaped like `sample`, in the
+        student's compute dtype.
 
         The text projection from the backbone call is reused when `encoder_hidden_states` is the tensor the
-        backbone saw (or None); any other text is projected afresh.
+        backbone saw (or None); any other text is projected afresh. The inner sample and the times are embedded in
+        float32 (autocast off), so the step of Stage 1's finite difference, ±δ·ṽ (one or two bf16 ulps of y_s) and
+        s ± δ, is not rounded away before the fusion; the fused tokens enter the blocks in the compute dtype.
         """
         wan = self.wan
         if encoder_hidden_states is None or encoder_hidden_states is m.encoder_hidden_states:
             text = m.text
         else:
-            text = wan.condition_embedder.text_embedder(encoder_hidden_states)
-        e = self.head_embedding(s, r, text.dtype)
-        modulation = wan.condition_embedder.time_proj(wan.condition_embedder.act_fn(e)).unflatten(1, (6, -1))
-        h = wan.patch_embedding(sample).flatten(2).transpose(1, 2)
+            text = wan.condition_embedder.text_embedder(encoder_hidden_states.to(compute_dtype(wan)))
+        with _float32(sample.device):  # per-sample time MLPs and a (C·p -> D) projection: float32 costs nothing
+            e, modulation = self.head_embedding(s, r)
+            h = _conv32(wan.patch_embedding, sample).flatten(2).transpose(1, 2)
         z = self.inner_fusion(m.hidden_states, h, modulation)
         z = run_blocks(wan, wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
         return output_head(wan, z, e, m.grid)

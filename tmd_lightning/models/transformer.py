@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
+from tmd_lightning.models.precision import cast_model
+
 PACKAGE_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_MODEL_DIR = PACKAGE_ASSETS / "toy_wan"
 
@@ -34,4 +36,4 @@ def load_transformer(
 
         config = OmegaConf.to_container(config, resolve=True)
     model = WanTransformer3DModel(**config)
-    return model if dtype == torch.float32 else model.to(dtype)
+    return model if dtype == torch.float32 else cast_model(model, dtype)  # as from_pretrained(torch_dtype=dtype)

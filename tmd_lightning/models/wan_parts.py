@@ -4,6 +4,10 @@ diffusers' `WanTransformer3DModel.forward` runs embedding, all blocks and the ou
 blocks split (backbone / head) and the frozen teacher's hidden states at a few blocks (discriminator features,
 stopping at the last block needed). These functions call the model's own submodules in `forward`'s order; a test
 checks that embed -> all blocks -> output head equals `forward`.
+
+Inputs are cast here, and only here, to the dtype the model computes in (as diffusers' `WanPipeline` casts latents
+and text to the transformer's dtype), so a bf16 model takes the float32 latents and text the samplers and stages
+hold; times stay float32 (Wan keeps its time embedder in float32).
 """
 
 from __future__ import annotations
@@ -27,9 +31,26 @@ class WanInputs:
     grid: tuple[int, int, int]  # (frames, height, width) after patching
 
 
+def compute_dtype(wan: nn.Module) -> torch.dtype:
+    """The dtype a Wan model computes in, which its latents and text are cast to: its patch embedding's (bf16 in a
+    bf16 model; diffusers keeps only rope, the time embedder, norms and modulation tables in float32). A LoRA fake
+    score (an `AdapterView`) answers for the model it runs."""
+    return getattr(wan, "host", wan).patch_embedding.weight.dtype
+
+
+def wan_velocity(wan: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Wan's velocity `v(x_t, t, c)` for t in [0, 1] (timestep 1000 t), returned in float32 (or wider) whatever
+    dtype the model computes in: the samplers integrate, and the losses compare, in float32."""
+    dtype = compute_dtype(wan)
+    v = wan(x.to(dtype), timestep=t * 1000.0, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+    return v.to(torch.promote_types(v.dtype, torch.float32))
+
+
 def embed(wan: WanTransformer3DModel, hidden_states: torch.Tensor, t: torch.Tensor,
           encoder_hidden_states: torch.Tensor) -> WanInputs:
     """Patch + rope + text/time embedding at time t in [0, 1] (Wan is called with 1000 t)."""
+    dtype = compute_dtype(wan)
+    hidden_states, encoder_hidden_states = hidden_states.to(dtype), encoder_hidden_states.to(dtype)
     _, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = wan.config.patch_size
     rotary = wan.rope(hidden_states)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
+from tmd_lightning.models.wan_parts import compute_dtype
 from tmd_lightning.sampling import shift
 from tmd_lightning.stages.parallel import rows_to_run
 from tmd_lightning.stages.student import StudentStage
@@ -28,6 +30,10 @@ class AdaptHeadStage(StudentStage):
         p_r_equals_s: fraction of rows trained as plain transition matching (r = s); 0.75 in the paper.
         cfg_scale: ω of the CFG target (1 disables it).
         fd_delta: δ of the finite difference; 5e-3 deliberately smooths the derivative in s (§4).
+        fd_full_precision: run the two finite-difference head passes with autocast off, in the weights' dtype
+            (float32 under `bf16-mixed`). In bf16 activations the step ±δ·ṽ is one or two ulps of y_s and the
+            difference of the two passes is mostly rounding; the passes (no grad, the r < s rows only) then cost
+            float32 instead of bf16 speed.
         loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
         plain_tm: ablation, always r = s (transition matching without the flow map).
         activation_checkpointing: one activation checkpoint per Wan block of the student (memory for compute).
@@ -52,6 +58,7 @@ class AdaptHeadStage(StudentStage):
         p_r_equals_s: float = 0.75,
         cfg_scale: float = 3.0,
         fd_delta: float = 5e-3,
+        fd_full_precision: bool = True,
         loss_c: float = 1.0,
         plain_tm: bool = False,
         activation_checkpointing: bool = False,
@@ -110,11 +117,14 @@ class AdaptHeadStage(StudentStage):
             idx, run = rows_to_run(student, flow_map_rows)
             if run:
                 m_fd, y1_fd, r_fd = m.select(idx).detach().repeat(2), y1[idx].repeat(2, 1, 1, 1, 1), r[idx].repeat(2)
+                if h.fd_full_precision:  # m from the autocast pass is bf16: back to the weights' dtype
+                    m_fd = m_fd.to(compute_dtype(student.wan))
 
                 def u_fn(samples: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
                     return student.average_velocity(samples, s_, r_fd, m_fd, y1_fd)
 
-                du_ds = finite_difference_ds(u_fn, y_s[idx], s[idx], v_tilde[idx], h.fd_delta)
+                with torch.autocast(x.device.type, enabled=False) if h.fd_full_precision else nullcontext():
+                    du_ds = finite_difference_ds(u_fn, y_s[idx], s[idx], v_tilde[idx], h.fd_delta)
                 if flow_map_rows.any():
                     target[idx] = meanflow_target(v_tilde[idx], du_ds, s[idx], r[idx])
         # 6. adaptive loss on u_θ(y_s, s, r)

@@ -33,7 +33,7 @@ from tmd_lightning.models.lora import (
     cast_keeping_adapters,
     merged_copy,
 )
-from tmd_lightning.models.wan_parts import block_features
+from tmd_lightning.models.wan_parts import block_features, wan_velocity
 from tmd_lightning.sampling import effective_nfe, shift, time_grid
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import few_step_wan_sample, student_latents, student_nfe
@@ -175,9 +175,7 @@ class DistillStage(VideoStage):
         return shift(torch.rand(b, device=self.device) * (h.dmd_t_max - h.dmd_t_min) + h.dmd_t_min, h.dmd_shift)
 
     def wan_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        dtype = next(net.parameters()).dtype
-        v = net(x_t.to(dtype), timestep=t * 1000.0, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
-        return v.float()
+        return wan_velocity(net, x_t, t, text)
 
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """g_real: the teacher's x0 with CFG, the pair as one batched forward."""
@@ -191,8 +189,7 @@ class DistillStage(VideoStage):
         return x_t - _rows(t) * v
 
     def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
-        dtype = next(self.teacher.parameters()).dtype
-        return block_features(self.teacher, x_t.to(dtype), t, text.to(dtype), self.discriminator.feature_blocks)
+        return block_features(self.teacher, x_t, t, text, self.discriminator.feature_blocks)  # cast by `embed`
 
     def ensure_finite(self, name: str, value: torch.Tensor) -> None:
         """A NaN/inf stops the run with a message naming it, after saving the last good state.

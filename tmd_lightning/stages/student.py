@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tmd_lightning.models.wan_parts import wan_velocity
 from tmd_lightning.sampling import dmd2_sample, effective_nfe, student_grids, time_grid, tmd_sample
 from tmd_lightning.stages.base import VideoStage
 
@@ -82,8 +83,8 @@ class FewStepWanStage(VideoStage):
 
 def few_step_wan_sample(student: nn.Module, noise: torch.Tensor, text: torch.Tensor, M: int, gamma: float,
                         t_max: float) -> torch.Tensor:
-    """`dmd2_sample` with a Wan transformer as the velocity model (timestep 1000 t)."""
+    """`dmd2_sample` with a Wan transformer as the velocity model (timestep 1000 t), weights in any dtype."""
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return student(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
+        return wan_velocity(student, x, t, text)
 
     return dmd2_sample(velocity, noise, time_grid(M, gamma, t_max).to(noise.device))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tmd_lightning.losses import flow_matching_loss
+from tmd_lightning.models.wan_parts import wan_velocity
 from tmd_lightning.sampling import cfg_velocity, effective_nfe, shift, teacher_sample
 from tmd_lightning.stages.base import VideoStage
 
@@ -47,8 +48,8 @@ class TeacherStage(VideoStage):
         self.sampler_defaults = dict(steps=50, cfg=5.0, gamma=3.0, solver="euler") | dict(sampler or {})
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Teacher velocity `v(x_t, t, c)`; Wan is called with timestep 1000 t."""
-        return self.transformer(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
+        """Teacher velocity `v(x_t, t, c)` in float32, for weights in any dtype; Wan is called with timestep 1000 t."""
+        return wan_velocity(self.transformer, x, t, text)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, text = self.encode_batch(batch)
