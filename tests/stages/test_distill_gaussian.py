@@ -38,7 +38,7 @@ class Oracle(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(()))  # gives the stage a dtype to read
+        self.patch_embedding = nn.Linear(1, 1, bias=False)  # where the stage reads a Wan model's compute dtype
         self.mean: float = 0.0
         self.var: float = 1.0
 
@@ -64,6 +64,7 @@ class AffineWan(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Parameter(torch.zeros(())), nn.Parameter(torch.ones(()))
+        self.patch_embedding = nn.Linear(1, 1, bias=False).requires_grad_(False)  # the compute dtype, as in Wan
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = False) -> tuple[torch.Tensor]:
