@@ -154,3 +154,11 @@ def test_generate_is_seeded_and_reports_effective_nfe(text_encoder):
 def test_invalid_finite_difference_step_is_rejected_at_construction(text_encoder):
     with pytest.raises(ValueError, match="fd_delta"):
         _stage(text_encoder, fd_delta=0.0)
+
+
+def test_a_batch_without_samples_is_skipped(text_encoder):
+    """Every item of the batch was an unusable file (the DataModule counts them): nothing to train or validate on."""
+    stage = _stage(text_encoder)
+    empty = {"video": torch.empty(0, dtype=torch.uint8), "caption": []}
+    assert stage.training_step(empty, 0) is None
+    assert stage.validation_step(empty, 0) is None

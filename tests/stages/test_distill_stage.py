@@ -250,3 +250,12 @@ def test_ablation_switches(text_encoder):
     assert x_hat.shape == x.shape and x_hat.requires_grad
     no_gan = _stage(text_encoder, use_gan=False, discriminator=None)
     assert no_gan.discriminator is None and len(no_gan.configure_optimizers()) == 2
+
+
+@pytest.mark.parametrize("kind", ["tmd", "dmd2"])
+def test_a_batch_without_samples_is_skipped(text_encoder, kind):
+    """Every item of the batch was an unusable file: no iteration runs, and the student/critic schedule waits."""
+    stage = _stage(text_encoder, kind)
+    stage.ema_update_due = True
+    assert stage.training_step({"video": torch.empty(0, dtype=torch.uint8), "caption": []}, 0) is None
+    assert stage.iteration == 0 and not stage.ema_update_due

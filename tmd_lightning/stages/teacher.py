@@ -50,7 +50,9 @@ class TeacherStage(VideoStage):
         """Teacher velocity `v(x_t, t, c)`; Wan is called with timestep 1000 t."""
         return self.transformer(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.skip_empty_batch(batch):
+            return self.skipped_step()
         x, text = self.encode_batch(batch)
         b = x.shape[0]
         h = self.hparams
@@ -67,6 +69,8 @@ class TeacherStage(VideoStage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Flow-matching loss at fixed t values (seeded), so validation curves are comparable across steps."""
+        if self.skip_empty_batch(batch):
+            return
         x, text = self.encode_batch(batch)
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         losses = []
