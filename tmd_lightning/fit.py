@@ -1,14 +1,15 @@
 """Entry point: `python -m tmd_lightning.fit experiment=NAME [overrides]`.
 
 Instantiates data, stage, callbacks, loggers and trainer from the config, fits, and says where the outputs went.
-Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one (from the moment
-it starts), which is how the next stage finds the previous stage's checkpoint without an extra argument.
+Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one that has written
+a checkpoint (moved when its first checkpoint is on disk), which is how the next stage finds the previous stage's
+checkpoint, and `ckpt_path=logs/<task_name>/latest/checkpoints/last.ckpt` resumes, without an extra argument. A run
+that fails before its first checkpoint leaves `latest` where it was.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.stages.loading import check_checkpoint
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -29,20 +32,19 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def _link_latest(output_dir: Path, stage_dir: Path) -> Path:
-    """`logs/<task_name>/latest` -> this run's folder (relative symlink, replaced atomically)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    latest = stage_dir / "latest"
-    tmp = latest.with_name(".latest.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(output_dir, latest.parent), tmp)
-    os.replace(tmp, latest)
-    return latest
+def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_dir: Path) -> bool:
+    """Has the run's checkpoint callback point `latest` at this run once it has written a checkpoint; False when no
+    callback can (then `latest` stays where it is)."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, FinalStateCheckpoint)]
+    for callback in callbacks:
+        callback.link_latest_on_save(latest, output_dir)
+    return bool(callbacks)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
+    # resolved (through `latest`) and checked before anything is built, generated or linked
+    ckpt_path = str(check_checkpoint(cfg.ckpt_path, "ckpt_path")) if cfg.get("ckpt_path") else None
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -51,18 +53,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     output_dir = Path(cfg.paths.output_dir)
-    stage_dir = Path(cfg.paths.log_dir) / cfg.task_name
-    if trainer.is_global_zero:  # linked at the start, so an interrupted run is found (and resumed) too
+    latest = Path(cfg.paths.log_dir) / cfg.task_name / "latest"
+    if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-        latest = _link_latest(output_dir, stage_dir)
+    links = _link_latest_on_first_checkpoint(trainer, latest, output_dir)
     # our checkpoints carry their hyperparameters (optimizer partials), which torch's weights_only loader rejects;
     # `ckpt_path` is a file the user chose to resume from
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-        print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}")
+        linked = links and latest.is_symlink() and latest.resolve() == output_dir.resolve()
+        print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}" + ("" if linked else " (not moved: this run "
+              "wrote no checkpoint)"))
         if ckpt:
             print(f"checkpoint:   {ckpt}")
         for name in ("export_dir",):

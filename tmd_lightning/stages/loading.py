@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,42 @@ def network_from_record(meta: dict[str, Any]) -> nn.Module:
     return NETWORK_CLASSES[meta["network_class"]].from_config(config)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, or not a checkpoint at all."""
+
+
+def check_checkpoint(path: str | Path, setting: str = "checkpoint") -> Path:
+    """`path` with every link resolved (a `latest` link is followed now, before anything moves it), after a cheap
+    check that it is a whole checkpoint: a one-line error naming `setting` and the path otherwise.
+
+    A `.ckpt` file is a zip archive whose directory sits at its end, so a truncated copy has none; a distributed
+    (DCP) folder needs its metadata files.
+    """
+    resolved = Path(path).expanduser().resolve()
+    shown = f"{setting}={path}" + (f" ({resolved})" if str(resolved) != str(path) else "")
+    if is_distributed_checkpoint(resolved):
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        if not zipfile.is_zipfile(resolved / _METADATA_FILENAME):
+            raise CheckpointError(f"{shown}: {_METADATA_FILENAME} is truncated or corrupt; use another checkpoint")
+        return resolved
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{shown}: no checkpoint there (neither a .ckpt file nor a distributed checkpoint "
+                                "folder); check the path, or list the run's checkpoints/ folder")
+    if not zipfile.is_zipfile(resolved):
+        raise CheckpointError(f"{shown}: the file is truncated or not a checkpoint (an interrupted save or copy?); "
+                              "use another one, e.g. an earlier step*.ckpt of the same run")
+    return resolved
+
+
+def read_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict[str, Any]:
     """A Lightning checkpoint as one dict, whether a `.ckpt` file (memory-mapped) or a distributed (DCP) folder.
 
     A DCP folder (`trainer=fsdp`) is consolidated in this process: Lightning's `meta.pt` (hyperparameters, loops,
     callbacks, our records) plus the full model `state_dict`; optimizer states are not read. That holds the whole
     trained network in CPU memory once (the `.ckpt` route maps the file instead).
     """
-    path = Path(path)
+    path = check_checkpoint(path, setting)
     if is_distributed_checkpoint(path):
         from lightning.fabric.utilities.load import _METADATA_FILENAME
         from torch.distributed.checkpoint import FileSystemReader
@@ -48,8 +77,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
                          planner=_EmptyStateDictLoadPlanner(keys={CHECKPOINT_MODEL_KEY}), no_dist=True)
         return ckpt | {"state_dict": state[CHECKPOINT_MODEL_KEY]}
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (neither a .ckpt file nor a distributed checkpoint folder)")
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
@@ -127,7 +154,7 @@ def load_student(checkpoint: str | Path) -> nn.Module:
     if not path.is_file() and not is_distributed_checkpoint(path):
         raise FileNotFoundError(f"no student checkpoint at {path}: run `python -m tmd_lightning.fit "
                                 "experiment=adapt_head` first, or set stage.student.checkpoint=PATH")
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, "stage.student.checkpoint")
     meta = ckpt.get("tmd_lightning")
     if meta is None or meta["network_attr"] != "student":
         raise ValueError(f"{path} is not a student checkpoint (adapt_head or distill)")
