@@ -22,7 +22,7 @@ from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption, write_mp4
 from tmd_lightning.evaluation import resolve_prompts, toy_reference, toy_report
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
+from tmd_lightning.stages.loading import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -32,8 +32,10 @@ register_resolvers()
 def load_stage(cfg: DictConfig) -> VideoStage:
     """The network to sample: a stage's Lightning checkpoint, a diffusers folder (teacher or TMD student), or the
     model's teacher."""
-    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     source = cfg.get("checkpoint") or cfg.model.pretrained
+    if str(source).endswith(".ckpt"):
+        check_checkpoint(source, "checkpoint")  # a missing or truncated file fails before the encoders load
+    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     if str(source).endswith(".ckpt"):
         teacher_config = cfg.model.get("transformer_config")
         teacher_config = OmegaConf.to_container(teacher_config, resolve=True) if teacher_config else None
@@ -47,8 +49,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Samples every (prompt, seed), writes the MP4s and a manifest; returns the summary it prints."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    prompts = resolve_prompts(cfg.prompts)  # checked before any model loads
+    if not cfg.seeds:
+        raise ValueError("seeds=[]: nothing to sample; give at least one seed, e.g. seeds=[0,1,2,3]")
     stage = load_stage(cfg).to(device).eval()
-    prompts = resolve_prompts(cfg.prompts)
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
     sampler = stage.sampler_options(**OmegaConf.to_container(cfg.sampler, resolve=True))
     out_dir = Path(cfg.output_dir)

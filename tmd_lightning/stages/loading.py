@@ -13,6 +13,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from tmd_lightning.models.folders import require_safetensors
 from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.tmd import TMDTransformer
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
@@ -135,16 +136,18 @@ def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn
                           negative_prompt: str = "", **student_defaults: Any) -> VideoStage:
     """A sampling-only stage around a diffusers folder: a TMD student (`StudentStage`) or a Wan teacher."""
     class_name, model_dir = pretrained_class(folder)
+    require_safetensors(model_dir)
     record = model_dir / SAMPLING_RECORD
     if record.is_file():  # an exported distilled student
-        network = NETWORK_CLASSES[class_name].from_pretrained(str(model_dir), local_files_only=True)
+        network = NETWORK_CLASSES[class_name].from_pretrained(str(model_dir), local_files_only=True,
+                                                              use_safetensors=True)
         return _sampling_stage(json.loads(record.read_text()), network, codec, text_encoder, negative_prompt)
     if class_name == "TMDTransformer":
-        student = TMDTransformer.from_pretrained(str(model_dir), local_files_only=True)
+        student = TMDTransformer.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
         return StudentStage(student, codec, text_encoder, negative_prompt, **student_defaults)
     if class_name != "WanTransformer3DModel":
         raise ValueError(f"{model_dir} holds a {class_name!r}; expected WanTransformer3DModel or TMDTransformer")
-    transformer = WanTransformer3DModel.from_pretrained(str(model_dir), local_files_only=True)
+    transformer = WanTransformer3DModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
     return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=negative_prompt)
 
 
