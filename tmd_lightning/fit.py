@@ -15,12 +15,12 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.stages.loading import check_checkpoint
+from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -30,6 +30,18 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _partial_targets(node: Any) -> list[Any]:
+    """The objects behind every `_partial_: true` `_target_` of a config (a stage's optimizer and scheduler): what
+    the stage's hyperparameters, and so its checkpoints, hold. The run's own config names them, so a resume may
+    unpickle them."""
+    if isinstance(node, dict):
+        found = [get_object(node["_target_"])] if node.get("_partial_") and "_target_" in node else []
+        return found + [t for v in node.values() for t in _partial_targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _partial_targets(v)]
+    return []
 
 
 def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_dir: Path) -> bool:
@@ -44,7 +56,8 @@ def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_di
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
     # resolved (through `latest`) and checked before anything is built, generated or linked
-    ckpt_path = str(check_checkpoint(cfg.ckpt_path, "ckpt_path")) if cfg.get("ckpt_path") else None
+    trusted = _partial_targets(OmegaConf.to_container(cfg.stage, resolve=True))
+    ckpt_path = str(check_checkpoint(cfg.ckpt_path, "ckpt_path", trusted)) if cfg.get("ckpt_path") else None
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -58,9 +71,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
     links = _link_latest_on_first_checkpoint(trainer, latest, output_dir)
-    # our checkpoints carry their hyperparameters (optimizer partials), which torch's weights_only loader rejects;
-    # `ckpt_path` is a file the user chose to resume from
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    with safe_loading(trusted):  # a resume unpickles only tensors, plain containers and the allow-list
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
