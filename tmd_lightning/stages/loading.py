@@ -36,6 +36,11 @@ NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransform
 SAFE_GLOBALS_ENV = "TMD_SAFE_GLOBALS"  # comma-separated dotted names the user trusts checkpoints to hold
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, not a checkpoint, or holding objects the safe loader
+    refuses."""
+
+
 def network_class(name: str, source: Any) -> type[nn.Module]:
     """The network class a record names, from `NETWORK_CLASSES` only."""
     if name not in NETWORK_CLASSES:
@@ -77,8 +82,14 @@ def _hydra_partial_type() -> type:
 def _trusted_by_user() -> list[Any]:
     """The objects $TMD_SAFE_GLOBALS names (`module.Name`, comma-separated): classes the user trusts checkpoints to
     hold, e.g. a custom optimizer in a stage's hyperparameters."""
-    names = [n.strip() for n in os.environ.get(SAFE_GLOBALS_ENV, "").split(",") if n.strip()]
-    return [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+    trusted = []
+    for name in [n.strip() for n in os.environ.get(SAFE_GLOBALS_ENV, "").split(",") if n.strip()]:
+        module, _, attr = name.rpartition(".")
+        try:
+            trusted.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{SAFE_GLOBALS_ENV}: cannot import {name!r} ({exc}); give module.Name entries") from exc
+    return trusted
 
 
 def checkpoint_globals(extra: Iterable[Any] = ()) -> list[Any]:
@@ -120,10 +131,6 @@ def _check_globals(pickle_file: Path, shown: str, extra: Iterable[Any]) -> None:
         raise CheckpointError(f"{shown}: holds {unsafe}, which the safe loader (torch weights_only) does not "
                               f"unpickle; only if you trust this file, allow them with {SAFE_GLOBALS_ENV}="
                               f"{','.join(unsafe)}")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: truncated, or not a checkpoint at all."""
 
 
 def check_checkpoint(path: str | Path, setting: str = "checkpoint", extra_globals: Iterable[Any] = ()) -> Path:
