@@ -54,8 +54,9 @@ def test_debug_fdr_runs_teacher_in_process(tmp_path: Path) -> None:
     assert result["train/loss"] > 0
     assert (tmp_path / "out" / "config.yaml").is_file()
     assert (tmp_path / "out" / "export" / "transformer" / "config.json").is_file()
-    latest = tmp_path / "logs" / "teacher" / "latest"
-    assert latest.is_symlink() and latest.resolve() == (tmp_path / "out").resolve()
+    # a smoke test writes no checkpoint, so it does not become the run that `latest` (and the next stage) finds
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "logs" / "teacher" / "latest").exists()
 
 
 @pytest.mark.parametrize("model,head", [("wan2.1_t2v_1.3b", 5), ("wan2.1_t2v_14b", 5), ("toy", 1)])
@@ -75,4 +76,4 @@ def test_debug_fdr_runs_adapt_head_in_process(tmp_path: Path) -> None:
     result = run(cfg)
     assert result["train/loss"] > 0
     assert (tmp_path / "out" / "export" / "student" / "config.json").is_file()
-    assert (tmp_path / "logs" / "adapt_head" / "latest").is_symlink()
+    assert not (tmp_path / "logs" / "adapt_head" / "latest").exists()  # no checkpoint: `latest` is not moved

@@ -21,14 +21,19 @@ from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_
 
 
 def resolve_prompts(prompts: Any) -> list[str]:
-    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line; a list -> itself."""
+    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line; a list -> itself. No prompt at all is
+    an error: there would be nothing to sample or score."""
     if isinstance(prompts, str):
         if prompts == "toy":
             return all_captions()
         path = Path(prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file not found: {path} (use prompts=toy or a list)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"prompts={path}: the file holds no prompts; write one prompt per line, or use "
+                             "prompts=toy or prompts=[...]")
+        return lines
     out = [str(p) for p in prompts]
     if not out or any(not p.strip() for p in out):
         raise ValueError("prompts must be non-empty strings")

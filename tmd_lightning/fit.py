@@ -1,23 +1,26 @@
 """Entry point: `python -m tmd_lightning.fit experiment=NAME [overrides]`.
 
 Instantiates data, stage, callbacks, loggers and trainer from the config, fits, and says where the outputs went.
-Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one (from the moment
-it starts), which is how the next stage finds the previous stage's checkpoint without an extra argument.
+Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` points at the newest one that has written
+a checkpoint (moved when its first checkpoint is on disk), which is how the next stage finds the previous stage's
+checkpoint, and `ckpt_path=logs/<task_name>/latest/checkpoints/last.ckpt` resumes, without an extra argument. A run
+that fails before its first checkpoint leaves `latest` where it was.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -29,20 +32,32 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def _link_latest(output_dir: Path, stage_dir: Path) -> Path:
-    """`logs/<task_name>/latest` -> this run's folder (relative symlink, replaced atomically)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    latest = stage_dir / "latest"
-    tmp = latest.with_name(".latest.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(output_dir, latest.parent), tmp)
-    os.replace(tmp, latest)
-    return latest
+def _partial_targets(node: Any) -> list[Any]:
+    """The objects behind every `_partial_: true` `_target_` of a config (a stage's optimizer and scheduler): what
+    the stage's hyperparameters, and so its checkpoints, hold. The run's own config names them, so a resume may
+    unpickle them."""
+    if isinstance(node, dict):
+        found = [get_object(node["_target_"])] if node.get("_partial_") and "_target_" in node else []
+        return found + [t for v in node.values() for t in _partial_targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _partial_targets(v)]
+    return []
+
+
+def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_dir: Path) -> bool:
+    """Has the run's checkpoint callback point `latest` at this run once it has written a checkpoint; False when no
+    callback can (then `latest` stays where it is)."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, FinalStateCheckpoint)]
+    for callback in callbacks:
+        callback.link_latest_on_save(latest, output_dir)
+    return bool(callbacks)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
+    # resolved (through `latest`) and checked before anything is built, generated or linked
+    trusted = _partial_targets(OmegaConf.to_container(cfg.stage, resolve=True))
+    ckpt_path = str(check_checkpoint(cfg.ckpt_path, "ckpt_path", trusted)) if cfg.get("ckpt_path") else None
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -51,18 +66,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     output_dir = Path(cfg.paths.output_dir)
-    stage_dir = Path(cfg.paths.log_dir) / cfg.task_name
-    if trainer.is_global_zero:  # linked at the start, so an interrupted run is found (and resumed) too
+    latest = Path(cfg.paths.log_dir) / cfg.task_name / "latest"
+    if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-        latest = _link_latest(output_dir, stage_dir)
-    # our checkpoints carry their hyperparameters (optimizer partials), which torch's weights_only loader rejects;
-    # `ckpt_path` is a file the user chose to resume from
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    links = _link_latest_on_first_checkpoint(trainer, latest, output_dir)
+    with safe_loading(trusted):  # a resume unpickles only tensors, plain containers and the allow-list
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     result = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-        print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}")
+        linked = links and latest.is_symlink() and latest.resolve() == output_dir.resolve()
+        print(f"\nrun folder:   {output_dir}\nlatest link:  {latest}" + ("" if linked else " (not moved: this run "
+              "wrote no checkpoint)"))
         if ckpt:
             print(f"checkpoint:   {ckpt}")
         for name in ("export_dir",):

@@ -24,7 +24,7 @@ from tmd_lightning.data.toy_world import FPS, parse_caption, write_mp4
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts, toy_reference, toy_report
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
+from tmd_lightning.stages.loading import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -34,8 +34,10 @@ register_resolvers()
 def load_stage(cfg: DictConfig) -> VideoStage:
     """The network to sample: a stage's Lightning checkpoint, a diffusers folder (teacher or TMD student), or the
     model's teacher."""
-    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     source = cfg.get("checkpoint") or cfg.model.pretrained
+    if str(source).endswith(".ckpt"):
+        check_checkpoint(source, "checkpoint")  # a missing or truncated file fails before the encoders load
+    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     if str(source).endswith(".ckpt"):
         teacher_config = cfg.model.get("transformer_config")
         teacher_config = OmegaConf.to_container(teacher_config, resolve=True) if teacher_config else None
@@ -49,8 +51,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Samples every (prompt, seed), writes the MP4s and a manifest; returns the summary it prints."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    prompts = resolve_prompts(cfg.prompts)  # checked before any model loads
+    if not cfg.seeds:
+        raise ValueError("seeds=[]: nothing to sample; give at least one seed, e.g. seeds=[0,1,2,3]")
     stage = prepare_stage(load_stage(cfg), device, dtype)
-    prompts = resolve_prompts(cfg.prompts)
     pairs = [(p, int(s)) for p in prompts for s in cfg.seeds]
     sampler = stage.sampler_options(**OmegaConf.to_container(cfg.sampler, resolve=True))
     out_dir = Path(cfg.output_dir)

@@ -64,13 +64,14 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Loads a DCP folder into the sharded model and optimizers; other checkpoints as Lightning does."""
         path = Path(self.broadcast(checkpoint_path))
-        if weights_only is None:
-            # Lightning drops `fit(weights_only=...)` on this path (restore after setup) and passes None, which torch
-            # reads as True; our metadata holds the optimizer partials, and `ckpt_path` is a file the user chose
-            weights_only = False
-        if not is_distributed_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=weights_only)
-        return load_distributed_checkpoint(path, self.model, self.optimizers, weights_only)
+        from tmd_lightning.stages.loading import safe_loading  # here: stages.loading imports this module
+
+        if weights_only is None:  # Lightning drops `fit(weights_only=...)` on this path (restore after setup)
+            weights_only = True
+        with safe_loading():  # the safe loader with our checkpoints' allow-list (optimizer partials, ...)
+            if not is_distributed_checkpoint(path):
+                return super().load_checkpoint(path, weights_only=weights_only)
+            return load_distributed_checkpoint(path, self.model, self.optimizers, weights_only)
 
 
 def load_distributed_checkpoint(path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],

@@ -19,6 +19,7 @@ class _Logger:
 def test_skips_are_logged_per_epoch_and_reset() -> None:
     skips = SkipCounter(max_fraction=1.0)
     skips.update(10, [SkipRecord("a.mp4", "corrupt"), SkipRecord("b.mp4", "too short")])
+    skips.update(1, [SkipRecord("c.mp4", "corrupt")], empty_batch=True)
     logger = _Logger()
     trainer = SimpleNamespace(datamodule=SimpleNamespace(skips=skips), loggers=[logger], global_step=7,
                               current_epoch=0)
@@ -27,5 +28,6 @@ def test_skips_are_logged_per_epoch_and_reset() -> None:
     skips.update(10, [])
     callback.on_train_epoch_end(trainer, None)
     (first, step), (second, _) = logger.logged
-    assert step == 7 and first["data/skipped_epoch"] == 2 and first["data/skipped_fraction"] == 0.2
-    assert second["data/skipped_epoch"] == 0 and second["data/skipped_total"] == 2
+    assert step == 7 and first["data/skipped_epoch"] == 3 and first["data/skipped_fraction"] == 3 / 11
+    assert first["data/skipped_batches"] == 1  # a batch with no usable sample: its step was skipped
+    assert second["data/skipped_epoch"] == 0 and second["data/skipped_total"] == 3

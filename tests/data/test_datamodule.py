@@ -235,6 +235,19 @@ def test_decode_failures_below_min_seen_do_not_stop(bad_input):
     assert [r.path.rsplit("/", 1)[-1] for r in dm.skips.skipped] == ["corrupt.mp4"]
 
 
+def test_batch_of_only_skipped_items_is_counted_and_logged(bad_input, caplog):
+    root, good = bad_input
+    rows = [good[0], {"path": "corrupt.mp4", "caption": "c"}]
+    manifest = _manifest(root, "one_each.csv", rows)
+    dm = VideoTextDataModule(train_manifest=manifest, val_manifest=manifest, batch_size=1, max_skip_fraction=0.5)
+    dm.setup("fit")
+    with caplog.at_level("WARNING", logger="tmd_lightning.data.dataset"):
+        batches = _iterate(dm, dm.val_dataloader())  # unshuffled: the good file, then the corrupt one
+    assert [len(b["caption"]) for b in batches] == [1, 0] and batches[1]["video"].shape[0] == 0
+    assert dm.skips.empty_batches == 1 and dm.skips.seen == 2
+    assert "no usable sample" in caplog.text and "step is skipped" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------- malformed
 
 

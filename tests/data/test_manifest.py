@@ -98,7 +98,7 @@ MALFORMED = [  # (file name, content, what the error must say)
     ("m.csv", "", "empty"),
     ("m.csv", "path,caption\n", "no rows"),
     ("m.jsonl", "\n\n", "empty"),
-    ("m.csv", "path,caption\na.mp4,ok\n,no path here\n", "row 3 has no path"),
+    ("m.csv", "path,caption\na.mp4,ok\n,no path here\n", r"m\.csv:3: no path"),
     ("m.jsonl", '{"path": "a.mp4", "caption": "ok"}\n{"path": "b.mp4", "caption": \n', r"m\.jsonl:2: not valid JSON"),
     ("m.jsonl", '["a.mp4", "caption"]\n', "JSON object"),
     ("m.jsonl", '{"caption": "no path"}\n', "no path"),
@@ -125,7 +125,7 @@ def test_csv_lacking_required_column(tmp_path, header):
 def test_non_integer_num_frames_csv(tmp_path, value):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,caption,num_frames\na.mp4,ok,9\nb.mp4,ok,{value}\n")
-    with pytest.raises(ManifestError, match=r"row 3: num_frames=.* is not an integer"):
+    with pytest.raises(ManifestError, match=r"m\.csv:3: num_frames=.* is not an integer"):
         read_manifest(manifest)
 
 
@@ -148,6 +148,67 @@ def test_non_integer_height(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,caption,height\na.mp4,ok,tall\n")
     with pytest.raises(ManifestError, match="height"):
+        read_manifest(manifest)
+
+
+# the CSV a spreadsheet writes, and CSV mistakes that must not pass silently
+
+
+def test_csv_with_bom_and_crlf_loads(tmp_path):
+    manifest = tmp_path / "m.csv"
+    text = 'path,caption,num_frames\r\na.mp4,un carré rouge,9\r\nb.mp4,"x, y",5\r\n'
+    manifest.write_bytes(text.encode("utf-8-sig"))
+    entries = read_manifest(manifest)
+    assert [(e.path.name, e.caption, e.num_frames) for e in entries] == [
+        ("a.mp4", "un carré rouge", 9), ("b.mp4", "x, y", 5)]
+
+
+def test_jsonl_with_bom_and_crlf_loads(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes('{"path": "a.mp4", "caption": "one"}\r\n{"path": "b.mp4", "caption": "two"}\r\n'
+                         .encode("utf-8-sig"))
+    assert [e.caption for e in read_manifest(manifest)] == ["one", "two"]
+
+
+@pytest.mark.parametrize("content", [
+    'path,caption\na.mp4,"an unterminated quote\nb.mp4,second row\nc.mp4,third row\n',  # runs to the end
+    'path,caption\na.mp4,"quote\nb.mp4,second row"\nc.mp4,third\n',  # closed on a later line: rows merge
+    'path,caption\na.mp4,"quote" then text\n',
+])
+def test_csv_unterminated_quote_is_an_error_naming_the_line(tmp_path, content):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(content)
+    with pytest.raises(ManifestError, match=r"m\.csv:2: .*quote"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(("row", "count"), [("a.mp4,one,extra", 3), ("a.mp4", 1)])
+def test_csv_row_must_have_the_header_fields(tmp_path, row, count):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,caption\nz.mp4,fine\n{row}\n")
+    with pytest.raises(ManifestError, match=rf"m\.csv:3: {count} field\(s\), the header has 2"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_non_utf8_manifest_is_an_error_naming_the_line(tmp_path, suffix):
+    manifest = tmp_path / f"m{suffix}"
+    good, bad = ("path,caption\na.mp4,ok\n", "b.mp4,caf\xe9\n") if suffix == ".csv" else (
+        '{"path": "a.mp4", "caption": "ok"}\n', '{"path": "b.mp4", "caption": "caf\xe9"}\n')
+    manifest.write_bytes(good.encode() + bad.encode("latin-1"))
+    line = 3 if suffix == ".csv" else 2
+    with pytest.raises(ManifestError, match=rf"m\{suffix}:{line}: not UTF-8"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(("suffix", "content", "line"), [
+    (".csv", "path,caption\na.mp4,ok\nb\x00.mp4,nul\n", 3),
+    (".jsonl", '{"path": "a.mp4", "caption": "ok"}\n{"path": "b\\u0000.mp4", "caption": "nul"}\n', 2),
+])
+def test_nul_in_a_path_is_an_error_naming_the_line(tmp_path, suffix, content, line):
+    manifest = tmp_path / f"m{suffix}"
+    manifest.write_text(content)
+    with pytest.raises(ManifestError, match=rf"m\{suffix}:{line}: .*NUL"):
         read_manifest(manifest)
 
 

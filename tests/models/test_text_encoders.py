@@ -154,6 +154,20 @@ def test_build_toy_text_encoder_seed_matters(tmp_path):
     assert not torch.equal(shipped["shared.weight"], built["shared.weight"])
 
 
+def test_unknown_words_are_warned_about_once_per_caption(caplog):
+    encoder = TextEncoder.from_pretrained(TOY_MODEL_DIR, max_length=8, model_class="T5EncoderModel")
+    encoder.cache_size = 0  # every call encodes: the warning itself must not repeat
+    with caplog.at_level("WARNING", logger="tmd_lightning.models.text_encoders"):
+        encoder(all_captions()[:4] + [""])
+        assert not caplog.records  # every toy word, and the empty negative prompt, are known
+        encoder(["a Purple square moving left", "a purple square moving left"])
+        encoder(["a Purple square moving left"])  # the same caption again: no second warning
+    messages = [r.getMessage() for r in caplog.records]
+    unknown = [m.split("does not know")[1].split("(")[0] for m in messages]
+    assert unknown == [" ['Purple'] ", " ['purple'] "]
+    assert "red" in messages[0]  # the toy's vocabulary is small enough to list
+
+
 def test_missing_text_encoder_folder_raises(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     with pytest.raises(FileNotFoundError, match="text_encoder"):

@@ -239,3 +239,11 @@ def test_stage1_finite_difference_under_bf16_autocast(text_encoder, monkeypatch,
     error = float((mixed - reference).norm() / reference.norm())
     assert mixed.dtype == torch.float32
     assert error < 0.01 if full_precision else error > 0.01, error
+
+
+def test_a_batch_without_samples_is_skipped(text_encoder):
+    """Every item of the batch was an unusable file (the DataModule counts them): nothing to train or validate on."""
+    stage = _stage(text_encoder)
+    empty = {"video": torch.empty(0, dtype=torch.uint8), "caption": []}
+    assert stage.training_step(empty, 0) is None
+    assert stage.validation_step(empty, 0) is None

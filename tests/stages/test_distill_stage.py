@@ -293,3 +293,11 @@ def test_bf16_teacher_as_on_gpu(text_encoder, tmp_path, kind):
     stage.log_dict = lambda d, **k: seen.extend(float(v) for v in d.values())  # type: ignore[method-assign]
     _trainer(tmp_path).fit(stage, train_dataloaders=_loader(4))
     assert stage.iteration == 2 and seen and all(torch.isfinite(torch.tensor(seen)))
+
+
+def test_a_batch_without_samples_is_skipped(text_encoder, kind):
+    """Every item of the batch was an unusable file: no iteration runs, and the student/critic schedule waits."""
+    stage = _stage(text_encoder, kind)
+    stage.ema_update_due = True
+    assert stage.training_step({"video": torch.empty(0, dtype=torch.uint8), "caption": []}, 0) is None
+    assert stage.iteration == 0 and not stage.ema_update_due

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from functools import partial
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from tmd_lightning.data.toy_world import all_captions, parse_caption, random_spec, render
+from tmd_lightning.callbacks import SkippedSamplesLogger
+from tmd_lightning.data import VideoTextDataModule, write_manifest
+from tmd_lightning.data.toy_world import all_captions, parse_caption, random_spec, render, write_mp4
 from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder
 from tmd_lightning.stages import TeacherStage
 
@@ -171,3 +174,41 @@ def test_short_overfit_lowers_the_loss(text_encoder):
     with torch.no_grad():
         last = loss_at_fixed_seed().item()
     assert last < 0.7 * first, (first, last)
+
+
+class _MetricsLogger(L.pytorch.loggers.Logger):
+    """Keeps what is logged, for assertions."""
+
+    name, version = "memory", 0
+    metrics: dict[str, float]
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.metrics = {**getattr(self, "metrics", {}), **metrics}
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_a_batch_of_only_unusable_files_skips_the_step(text_encoder, tmp_path):
+    """`data=manifest` trains with batch_size 1, so one corrupt file is a batch with no samples: its training and
+    validation steps are skipped and counted, and training goes on."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, caption in enumerate(all_captions()[:2]):
+        write_mp4(tmp_path / f"good_{i}.mp4", render(random_spec(rng, **parse_caption(caption)), 9, 16))
+        rows.append({"path": f"good_{i}.mp4", "caption": caption})
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(1).bytes(3000))
+    rows.append({"path": "corrupt.mp4", "caption": all_captions()[2]})
+    manifest = str(write_manifest(tmp_path / "m.csv", rows))
+    dm = VideoTextDataModule(train_manifest=manifest, val_manifest=manifest, batch_size=1, max_skip_fraction=0.5,
+                             spatial_multiple=4)
+    logger = _MetricsLogger()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[SkippedSamplesLogger()], default_root_dir=str(tmp_path))
+    trainer.fit(_stage(text_encoder), datamodule=dm)
+    assert trainer.state.finished and trainer.global_step == 3
+    assert dm.skips.empty_batches == 2  # one training, one validation batch
+    assert [r.path.rsplit("/", 1)[-1] for r in dm.skips.skipped] == ["corrupt.mp4", "corrupt.mp4"]
+    assert logger.metrics["data/skipped_batches"] == 2
+    assert "val/loss" in trainer.callback_metrics

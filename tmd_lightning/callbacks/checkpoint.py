@@ -1,21 +1,53 @@
-"""`ModelCheckpoint` whose `last.ckpt` is always the final state of a run."""
+"""`ModelCheckpoint` whose `last.ckpt` is always the final state of a run, and which moves the stage's `latest` link
+to its run once there is a checkpoint to find there."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
+def link_latest(link: Path, target: Path) -> Path:
+    """Points the symlink `link` at the folder `target` (a relative link, replaced atomically)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    return link
+
+
 class FinalStateCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint`, plus: `last.ckpt` is rewritten at the end of training.
+    """Lightning's `ModelCheckpoint`, plus: `last.ckpt` is rewritten at the end of training, and a `latest` link set
+    with `link_latest_on_save` is moved once the first checkpoint is on disk.
 
     Lightning writes `last` only together with a periodic checkpoint, so a run of 600 steps with a period of 500
     ends with `last.ckpt` at step 500; the next stage (which starts from `last.ckpt`) and `ckpt_path=` resumes would
     silently use a state 100 steps old. This subclass saves the final state as `last` when it is newer.
     """
 
+    _latest: tuple[Path, Path] | None = None
+
+    def link_latest_on_save(self, link: str | Path, run_dir: str | Path) -> None:
+        """After this callback first writes a checkpoint, point `link` at `run_dir`. A run that fails before that
+        (or never checkpoints, like `fast_dev_run`) leaves `link` where it was: on a run that can be resumed or
+        started from."""
+        self._latest = (Path(link), Path(run_dir))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)  # written (and every rank past the barrier) when it returns
+        if self._latest is not None and trainer.is_global_zero:
+            link_latest(*self._latest)
+            self._latest = None
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a smoke test writes no checkpoint (Lightning's own on_train_end would write `last`)
+            return
         super().on_train_end(trainer, pl_module)
-        # `_last_global_step_saved` is Lightning's own record of the step its last save happened at
-        if self.save_last and not trainer.sanity_checking and self._last_global_step_saved != trainer.global_step:
+        # Lightning's own test: not under fast_dev_run, not when the last save happened at this very step
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -10,14 +10,16 @@ log = logging.getLogger(__name__)
 
 
 class SkippedSamplesLogger(L.Callback):
-    """Logs `data/skipped_epoch`, `data/skipped_total` and `data/skipped_fraction` at the end of each epoch."""
+    """Logs `data/skipped_epoch`, `data/skipped_total`, `data/skipped_fraction` and `data/skipped_batches` (batches
+    without any usable sample, whose steps were skipped) at the end of each epoch."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         skips = getattr(trainer.datamodule, "skips", None)
         if skips is None:
             return
         metrics = {"data/skipped_epoch": float(skips.epoch_skipped), "data/skipped_total": float(len(skips.skipped)),
-                   "data/skipped_fraction": len(skips.skipped) / max(skips.seen, 1)}
+                   "data/skipped_fraction": len(skips.skipped) / max(skips.seen, 1),
+                   "data/skipped_batches": float(getattr(skips, "empty_batches", 0))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if skips.epoch_skipped:

@@ -122,6 +122,8 @@ class VideoTextDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self.hparams.val_batch_size or self.hparams.batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Counts the skips of every batch in the main process and stops the run if there are too many."""
-        self.skips.update(batch.pop("num_items", 0), batch.pop("skipped", []))
+        """Counts the skips of every batch in the main process and stops the run if there are too many; a batch left
+        without any sample is counted too (the stage skips its step)."""
+        num_items = batch.pop("num_items", 0)
+        self.skips.update(num_items, batch.pop("skipped", []), empty_batch=num_items > 0 and not batch["caption"])
         return batch

@@ -25,21 +25,30 @@ class SkipRecord:
 
 @dataclass
 class SkipCounter:
-    """Counts skipped samples; the DataModule raises once their share exceeds `max_fraction`."""
+    """Counts skipped samples; the DataModule raises once their share exceeds `max_fraction`.
+
+    `empty_batches` counts batches that had no usable sample at all (every item skipped, e.g. one corrupt file at
+    batch size 1): the stages skip those steps.
+    """
 
     max_fraction: float = 0.05
     min_seen: int = 32
     seen: int = 0
     skipped: list[SkipRecord] = field(default_factory=list)
     epoch_skipped: int = 0
+    empty_batches: int = 0
 
-    def update(self, seen: int, skipped: list[SkipRecord]) -> None:
+    def update(self, seen: int, skipped: list[SkipRecord], empty_batch: bool = False) -> None:
         self.seen += seen
         self.skipped.extend(skipped)
         self.epoch_skipped += len(skipped)
         for rec in skipped:
             log.warning("skipped %s: %s", rec.path, rec.reason)
         self.check()
+        if empty_batch:
+            self.empty_batches += 1
+            log.warning("a batch of %d item(s) has no usable sample: its step is skipped (%d such batch(es) so far)",
+                        seen, self.empty_batches)
 
     def check(self) -> None:
         if self.seen >= self.min_seen and len(self.skipped) > self.max_fraction * self.seen:

@@ -102,7 +102,12 @@ class WanVAECodec(Codec):
                         dtype: torch.dtype = torch.float32) -> WanVAECodec:
         from diffusers import AutoencoderKLWan
 
-        return cls(AutoencoderKLWan.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype))
+        from tmd_lightning.models.folders import local_folder, require_safetensors
+
+        folder = local_folder(path)
+        folder = require_safetensors(folder / subfolder if subfolder else folder)
+        return cls(AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                    use_safetensors=True))
 
     @torch.no_grad()
     def encode(self, videos: torch.Tensor) -> torch.Tensor:

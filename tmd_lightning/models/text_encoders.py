@@ -13,11 +13,15 @@ never loads the encoder (UMT5-XXL alone is 5.7B parameters).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tmd_lightning.models.folders import TRANSFORMERS_WEIGHTS, local_folder, require_safetensors
+
+log = logging.getLogger(__name__)
 PROMPTS_FILE = "prompts.safetensors"  # in a cache folder: prompt embeddings trimmed to their real length
 
 TOY_VOCAB = ["<pad>", "</s>", "<unk>", "a", "an", "the", "moving", "red", "green", "blue", "yellow", "square",
@@ -38,6 +42,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.cache_size = cache_size
         self._cache: dict[str, torch.Tensor] = {}
+        self._warned: set[str] = set()
 
     @property
     def dim(self) -> int:
@@ -59,11 +64,12 @@ class TextEncoder(nn.Module):
             return CachedTextEncoder.from_cache(cache_dir, max_length, expected_dim=_config_dim(path))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        if not (path / "text_encoder").is_dir():
+        if not local_folder(path).joinpath("text_encoder").is_dir():
             raise FileNotFoundError(f"{path}: no text_encoder/ folder (expected a diffusers-style model folder)")
+        require_safetensors(path / "text_encoder", TRANSFORMERS_WEIGHTS)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
         encoder = getattr(transformers, model_class).from_pretrained(
-            str(path / "text_encoder"), torch_dtype=dtype, local_files_only=True)
+            str(path / "text_encoder"), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
         return cls(tokenizer, encoder, max_length)
 
     @torch.no_grad()
@@ -71,10 +77,27 @@ class TextEncoder(nn.Module):
         """(B, max_length, D) embeddings zeroed past each caption's length, and the lengths (token counts)."""
         tok = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
+        self._warn_unknown_words(captions, tok.input_ids)
         device = next(self.encoder.parameters()).device
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return hidden * mask.unsqueeze(-1), mask.sum(dim=1)
+
+    def _warn_unknown_words(self, captions: list[str], ids: torch.Tensor) -> None:
+        """Warns (once per caption) about words the tokenizer does not know: each becomes the same unknown token, so
+        the model cannot tell them apart, and a toy prompt outside the toy's words samples something arbitrary."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None:
+            return
+        for caption, row in zip(captions, ids, strict=True):
+            if caption in self._warned or not bool((row == unk).any()):
+                continue
+            self._warned.add(caption)
+            words = [w for w in caption.split() if unk in self.tokenizer(w, add_special_tokens=False).input_ids]
+            vocab = [w for w in self.tokenizer.get_vocab() if w not in self.tokenizer.all_special_tokens]
+            known = f"; it knows only: {', '.join(sorted(vocab))}" if len(vocab) <= 64 else ""
+            log.warning("prompt %r: the text encoder's tokenizer does not know %s (each becomes %s)%s", caption,
+                        words, self.tokenizer.unk_token, known)
 
     def _encode(self, captions: list[str]) -> torch.Tensor:
         return self._encode_with_lengths(captions)[0]

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
+from tmd_lightning.models.folders import local_folder, require_safetensors
 from tmd_lightning.models.precision import cast_model
 
 PACKAGE_ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -20,15 +21,15 @@ def load_transformer(
     subfolder: str | None = "transformer",
     dtype: torch.dtype | str = torch.float32,
 ) -> WanTransformer3DModel:
-    """A Wan transformer from a local diffusers folder (`pretrained`) or, for training from scratch, a config."""
+    """A Wan transformer from a local diffusers folder (`pretrained`, its `subfolder` if present; safetensors weights
+    only, never a hub lookup) or, for training from scratch, a config."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if pretrained is not None:
-        path = Path(pretrained)
-        if path.exists():
-            folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
-            return WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-        return WanTransformer3DModel.from_pretrained(str(pretrained), subfolder=subfolder, torch_dtype=dtype)
+        path = local_folder(pretrained, "pretrained")
+        folder = require_safetensors(path / subfolder if subfolder and (path / subfolder).is_dir() else path)
+        return WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
     if config is None:
         raise ValueError("give model.pretrained (a diffusers folder) or a transformer config")
     if not isinstance(config, dict):  # a Hydra DictConfig: plain containers, so save_pretrained can write JSON

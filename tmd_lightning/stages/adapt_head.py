@@ -139,7 +139,9 @@ class AdaptHeadStage(StudentStage):
             stats["mse_tm"] = mse[~flow_map_rows].mean()
         return loss, stats
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.skip_empty_batch(batch):
+            return self.skipped_step()
         x, text = self.encode_batch(batch)
         loss, stats = self.tm_meanflow_loss(x, text)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
@@ -148,6 +150,8 @@ class AdaptHeadStage(StudentStage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The same loss with seeded randomness, so validation curves are comparable across steps."""
+        if self.skip_empty_batch(batch):
+            return
         x, text = self.encode_batch(batch)
         loss, stats = self.tm_meanflow_loss(x, text, torch.Generator().manual_seed(batch_idx))
         self.log("val/loss", loss, prog_bar=True, batch_size=x.shape[0], sync_dist=True)  # mean over ranks' shards

@@ -40,6 +40,25 @@ class VideoStage(L.LightningModule):
             text = batch["text"] if "text" in batch else self.text_encoder(batch["caption"])
         return latents.float(), text.float()
 
+    def skip_empty_batch(self, batch: dict[str, Any]) -> bool:
+        """Whether to skip this step: the batch holds no sample (every item was an unusable file, which the
+        DataModule has counted). Under data parallelism every rank skips when any rank's batch is empty, so the
+        ranks' collectives stay matched."""
+        data = batch.get("latents", batch.get("video"))
+        empty = data is None or data.shape[0] == 0
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            empty = trainer.strategy.reduce_boolean_decision(empty, all=False)
+        return empty
+
+    def skipped_step(self) -> torch.Tensor | None:
+        """What `training_step` returns for a skipped step: None, so Lightning takes no optimizer step. Lightning
+        refuses None under data parallelism with automatic optimization; there every rank returns a zero loss over
+        the trainable parameters instead (zero gradients: the optimizer's momentum and weight decay still apply)."""
+        if self._trainer is None or self.trainer.world_size == 1 or not self.automatic_optimization:
+            return None
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
     def negative_embedding(self, batch_size: int) -> torch.Tensor:
         """The negative-prompt embedding (empty caption for the toy, Wan's negative prompt at scale), repeated."""
         return self.text_encoder([self.negative_prompt]).expand(batch_size, -1, -1).float()

@@ -221,6 +221,9 @@ class DistillStage(VideoStage):
 
     # -- the two kinds of iteration ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.skip_empty_batch(batch):  # no sample: no iteration, the student/critic schedule waits
+            self.ema_update_due = False
+            return
         x, text = self.encode_batch(batch)
         neg = self.negative_embedding(x.shape[0])
         optimizers = self.optimizers()

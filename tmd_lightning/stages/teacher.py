@@ -51,7 +51,9 @@ class TeacherStage(VideoStage):
         """Teacher velocity `v(x_t, t, c)` in float32, for weights in any dtype; Wan is called with timestep 1000 t."""
         return wan_velocity(self.transformer, x, t, text)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.skip_empty_batch(batch):
+            return self.skipped_step()
         x, text = self.encode_batch(batch)
         b = x.shape[0]
         h = self.hparams
@@ -68,6 +70,8 @@ class TeacherStage(VideoStage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Flow-matching loss at fixed t values (seeded), so validation curves are comparable across steps."""
+        if self.skip_empty_batch(batch):
+            return
         x, text = self.encode_batch(batch)
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         losses = []
