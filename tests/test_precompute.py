@@ -84,7 +84,8 @@ def test_cache_equals_direct_encoding_of_the_same_videos(cache, toy_text_encoder
         torch.testing.assert_close(text, direct[:n], atol=1e-5, rtol=1e-5)
         assert torch.count_nonzero(direct[n:]) == 0  # trimming dropped only zeros
     assert index["latent_shape"] == [48, 9, 4, 4] and index["text_dim"] == 64
-    assert index["config"]["codec"] == {"_target_": "tmd_lightning.models.PixelCodec", "patch": 4}
+    assert index["config"]["codec"] == {"_target_": "tmd_lightning.models.PixelCodec", "patch": 4,
+                                        "frames_per_latent": 1}
     assert index["config"]["text_encoder"]["path"] == str(TOY_MODEL_DIR)
     assert [s["caption"] for s, _, _ in _stored(out, index, "val")] == all_captions()[1:3]
 

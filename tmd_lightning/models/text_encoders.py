@@ -221,6 +221,10 @@ def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int 
     teacher learned colour at once but ignored direction for thousands of steps. The word embeddings are therefore
     orthogonal (the vocabulary is smaller than `d_model`) and scaled by `embedding_scale` relative to T5's
     unit-variance init, which keeps each word's identity dominant in its output while the encoder stays contextual.
+
+    The shipped folder (`assets/toy_wan`) was written by this function with transformers 5.23; the random layers come
+    from T5's own initialisation, so another transformers version may write other (equally valid) weights. The
+    shipped encoder is the one the toy teacher was trained with: keep it, do not rebuild it.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
@@ -238,8 +242,9 @@ def build_toy_text_encoder(path: str | Path, d_model: int = 64, num_layers: int 
                       num_layers=num_layers, num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
                       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     model = T5EncoderModel(config)
+    generator = torch.Generator().manual_seed(seed)  # its own stream: independent of how transformers initialises
     with torch.no_grad():  # orthogonal words whose identity dominates the random layers' mixing (see docstring)
-        torch.nn.init.orthogonal_(model.shared.weight)
+        torch.nn.init.orthogonal_(model.shared.weight, generator=generator)
         model.shared.weight.mul_(embedding_scale * d_model**0.5)
     model.save_pretrained(str(path / "text_encoder"))
     return path
