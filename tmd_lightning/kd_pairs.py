@@ -63,7 +63,7 @@ def pair_record(cfg: DictConfig) -> dict[str, Any]:
     """The configuration pairs are made under (stored in the index; shards made under another one are redone)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     text_encoder = {k: v for k, v in model["text_encoder"].items() if k != "cache_dir"}
-    return {"kind": "kd_pairs", "model": model["name"], "teacher": str(model["pretrained"]), "codec": model["codec"],
+    return {"kind": "kd_pairs", "model": model["name"], "teacher": str(cfg.teacher), "codec": model["codec"],
             "text_encoder": text_encoder, "negative_prompt": model["negative_prompt"],
             "num_frames": int(cfg.num_frames), "height": int(cfg.height), "width": int(cfg.width),
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "skip_layers": skip_layer_settings(cfg),
@@ -114,7 +114,7 @@ class Teacher:
 
     @cached_property
     def stage(self) -> TeacherStage:
-        transformer = load_transformer(self.cfg.model.pretrained)
+        transformer = load_transformer(self.cfg.teacher)
         check_skip_layers(skip_layer_settings(self.cfg), self.cfg.sampler.cfg, transformer.config.num_layers)
         stage = TeacherStage(transformer, instantiate(self.cfg.model.codec), self.text_encoder, optimizer=None,
                              negative_prompt=self.cfg.model.negative_prompt)
