@@ -10,7 +10,7 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
-.PHONY: install demo baseline teacher-demo test lint bench teacher clean
+.PHONY: install demo baseline baseline-1step teacher-demo test lint bench teacher clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: install
 # The DMD2-v baseline on the toy (about 18 minutes), for the demo's table.
 baseline: install
 	$(PYTHON) -m tmd_lightning.fit experiment=distill_dmd2
+
+# The one-step DMD2-v baseline as the paper trains it: teacher noise -> sample pairs, the KD warm-up, then DMD2-v
+# from the warm-up's export (stage.M=1 finds it through logs/kd_warmup/latest).
+baseline-1step: install
+	$(PYTHON) -m tmd_lightning.kd_pairs
+	$(PYTHON) -m tmd_lightning.fit experiment=kd_warmup
+	$(PYTHON) -m tmd_lightning.fit experiment=distill_dmd2 stage.M=1
 
 # Sample the shipped toy teacher only (2.5 minutes).
 teacher-demo: install

@@ -27,8 +27,8 @@ from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.cache import (
     CACHE_VERSION,
     INDEX_FILE,
-    CacheError,
     atomic_write_text,
+    previous_index,
     read_shard_record,
     shard_path,
     signature,
@@ -155,28 +155,13 @@ def encode_prompts(out: Path, cfg: DictConfig, encoders: Encoders, previous: dic
             "signature": sig}
 
 
-def _previous_index(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The index of an earlier run into `out`; an error if it was made under another configuration."""
-    path = out / INDEX_FILE
-    if not path.is_file():
-        return None
-    previous = json.loads(path.read_text())
-    config = previous.get("config", {})
-    problems = [f"{k}: cache has {json.dumps(config.get(k))}, run has {json.dumps(v)}" for k, v in record.items()
-                if config.get(k) != v]
-    if problems:
-        raise CacheError(f"{out} already holds a cache made with another configuration:\n  " + "\n  ".join(problems)
-                         + "\nChoose another output folder, or delete this one to recompute it.")
-    return previous
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Encodes the manifest(s) of `cfg.data` into `cfg.output`; returns the index."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     record = cache_record(cfg)
     sig = signature(record)
-    previous = _previous_index(out, record)
+    previous = previous_index(out, record)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # writes the toy world when data=toy
     encoders = Encoders(cfg, resolve_device(cfg.device))

@@ -9,6 +9,10 @@ Layout of a cache folder (written by `python -m tmd_lightning.precompute`):
     <split>/shard_00000.safetensors `latents.<j>` (C, T, h, w) and `text.<j>` (length, D) per sample; the shard's own
                                     record (signature, planned rows, samples, skips) is in its safetensors metadata
 
+A cache may hold further per-sample tensors, named in its index and shard records as `extra_tensors` (the KD pair
+cache of `python -m tmd_lightning.kd_pairs` stores `noise.<j>`, the teacher's initial noise, next to `latents.<j>`,
+the teacher's sample from it); the dataset serves them under their names.
+
 A shard covers a fixed slice of the split's usable manifest rows, so a rerun knows which shards it still needs: a
 shard file is written atomically (temporary name, then rename) and is reused only when it opens, holds every tensor
 its record names, and its record matches the plan and the config signature; anything else is redone.
@@ -61,12 +65,18 @@ def shard_path(cache_dir: str | Path, split: str, index: int) -> Path:
     return Path(cache_dir) / split / f"shard_{index:05d}.safetensors"
 
 
-def write_shard(path: Path, latents: list[torch.Tensor], texts: list[torch.Tensor], record: dict[str, Any]) -> None:
-    """Saves one shard atomically: per-sample tensors plus the shard's record (JSON) in the file's metadata."""
+def write_shard(path: Path, latents: list[torch.Tensor], texts: list[torch.Tensor], record: dict[str, Any],
+                extra: dict[str, list[torch.Tensor]] | None = None) -> None:
+    """Saves one shard atomically: per-sample tensors plus the shard's record (JSON) in the file's metadata.
+
+    `extra` holds further per-sample tensors by name (stored as `<name>.<j>`); list their names in the record's
+    `extra_tensors` so `read_shard_record` checks they are all there."""
     from safetensors.torch import save_file
 
     tensors = {f"latents.{j}": z.contiguous().cpu() for j, z in enumerate(latents)}
     tensors |= {f"text.{j}": t.contiguous().cpu() for j, t in enumerate(texts)}
+    for name, values in (extra or {}).items():
+        tensors |= {f"{name}.{j}": v.contiguous().cpu() for j, v in enumerate(values)}
     if not tensors:  # every file of the shard was unusable: keep a marker so the shard counts as done
         tensors = {"empty": torch.zeros(0)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,24 +99,44 @@ def read_shard_record(path: Path) -> dict[str, Any] | None:
         log.warning("%s is unreadable (%s); it will be redone", path, exc)
         return None
     n = len(record.get("samples", []))
-    if not {f"latents.{j}" for j in range(n)} | {f"text.{j}" for j in range(n)} <= keys:
+    names = ["latents", "text", *record.get("extra_tensors", [])]
+    if not {f"{name}.{j}" for name in names for j in range(n)} <= keys:
         log.warning("%s lacks tensors its record names; it will be redone", path)
         return None
     return record
 
 
-def read_index(cache_dir: str | Path) -> dict[str, Any]:
-    """The index of a finished cache, with a clear error for a missing or unfinished one."""
+PRECOMPUTE_COMMAND = "python -m tmd_lightning.precompute ... output=DIR"
+
+
+def read_index(cache_dir: str | Path, make_command: str = PRECOMPUTE_COMMAND) -> dict[str, Any]:
+    """The index of a finished cache, with a clear error for a missing or unfinished one naming `make_command`,
+    the command that writes it."""
     path = Path(cache_dir) / INDEX_FILE
     if not path.is_file():
-        raise CacheError(f"{path} not found: {cache_dir} is not a finished precompute cache (run "
-                         "`python -m tmd_lightning.precompute ... output=DIR` to completion; it resumes where it "
-                         "stopped)")
+        kind = "precompute cache" if make_command == PRECOMPUTE_COMMAND else "cache"
+        raise CacheError(f"{path} not found: {cache_dir} is not a finished {kind} (run `{make_command}` to "
+                         "completion; it resumes where it stopped)")
     index = json.loads(path.read_text())
     if index.get("version") != CACHE_VERSION:
         raise CacheError(f"{path}: cache version {index.get('version')}, this code reads {CACHE_VERSION}; "
                          "recompute the cache")
     return index
+
+
+def previous_index(out: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The index of an earlier run into `out`; an error if it was made under another configuration `record`."""
+    path = out / INDEX_FILE
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    config = previous.get("config", {})
+    problems = [f"{k}: cache has {json.dumps(config.get(k))}, run has {json.dumps(v)}" for k, v in record.items()
+                if config.get(k) != v]
+    if problems:
+        raise CacheError(f"{out} already holds a cache made with another configuration:\n  " + "\n  ".join(problems)
+                         + "\nChoose another output folder, or delete this one to recompute it.")
+    return previous
 
 
 # ------------------------------------------------------------------------------------------- config comparison
@@ -133,14 +163,17 @@ def config_mismatches(cached: dict[str, Any], expected: dict[str, Any]) -> list[
 
 
 class CachedLatentDataset(Dataset):
-    """Yields {"latents": (C, T, h, w), "text": (length, D), "caption": str} from a split's shards.
+    """Yields {"latents": (C, T, h, w), "text": (length, D), "caption": str} from a split's shards, plus each of the
+    cache's `extra` tensors under its name (e.g. "noise" in a KD pair cache).
 
     Tensors are read lazily through memory-mapped safetensors handles, opened once per process (workers reopen
     them after pickling).
     """
 
-    def __init__(self, cache_dir: str | Path, shards: list[dict[str, Any]]) -> None:
+    def __init__(self, cache_dir: str | Path, shards: list[dict[str, Any]], extra: list[str] | tuple[str, ...] = ()
+                 ) -> None:
         self.cache_dir = Path(cache_dir)
+        self.extra = tuple(extra)
         self.items = [(shard["file"], j, sample["caption"]) for shard in shards
                       for j, sample in enumerate(shard["samples"])]
         self._handles: dict[str, Any] = {}
@@ -161,11 +194,13 @@ class CachedLatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         file, j, caption = self.items[index]
         fh = self._handle(file)
-        return {"latents": fh.get_tensor(f"latents.{j}"), "text": fh.get_tensor(f"text.{j}"), "caption": caption}
+        return {"latents": fh.get_tensor(f"latents.{j}"), "text": fh.get_tensor(f"text.{j}"), "caption": caption,
+                **{name: fh.get_tensor(f"{name}.{j}") for name in self.extra}}
 
 
 def collate_cached(items: list[dict[str, Any]], text_length: int) -> dict[str, Any]:
-    """Stacks float32 latents and zero-pads each trimmed text embedding to `text_length` tokens.
+    """Stacks float32 latents (and any extra tensors) and zero-pads each trimmed text embedding to `text_length`
+    tokens.
 
     Wan's cross-attention has no mask, so the padding is zeros, as the diffusers pipeline feeds it (512 for UMT5).
     """
@@ -176,8 +211,10 @@ def collate_cached(items: list[dict[str, Any]], text_length: int) -> dict[str, A
     text = torch.zeros(len(items), text_length, items[0]["text"].shape[-1])
     for row, it in zip(text, items, strict=True):
         row[: it["text"].shape[0]] = it["text"].float()
+    names = [k for k in items[0] if k not in ("latents", "text", "caption")]  # a cache's extra tensors
+    extra = {k: torch.stack([it[k].float() for it in items]) for k in names}
     return {"latents": torch.stack([it["latents"].float() for it in items]), "text": text,
-            "caption": [it["caption"] for it in items]}
+            "caption": [it["caption"] for it in items], **extra}
 
 
 class CachedDataModule(L.LightningDataModule):
@@ -190,6 +227,7 @@ class CachedDataModule(L.LightningDataModule):
         text_length: tokens each text embedding is zero-padded to (the text encoder's max_length: 512 for UMT5).
         expect: config values of the run that must match the cache's record (model name, codec, text encoder,
             negative prompt); keys naming where a model lives (`path`, `pretrained`) are not compared.
+        make_command: the command that writes the cache, named in the error when it is missing or unfinished.
     """
 
     def __init__(
@@ -203,12 +241,14 @@ class CachedDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         expect: dict[str, Any] | None = None,
+        make_command: str = PRECOMPUTE_COMMAND,
     ) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.num_frames, self.height, self.width, self.text_length = num_frames, height, width, text_length
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size or batch_size, num_workers
         self.expect = dict(expect or {})
+        self.make_command = make_command
         self.skips = SkipCounter()
         self.train_set: CachedLatentDataset | None = None
         self.val_set: CachedLatentDataset | None = None
@@ -230,14 +270,15 @@ class CachedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        index = read_index(self.cache_dir)
+        index = read_index(self.cache_dir, self.make_command)
         self.check(index)
         splits = index["splits"]
         if "train" not in splits or not any(s["samples"] for s in splits["train"]["shards"]):
             raise CacheError(f"{self.cache_dir}: the cache has no training samples")
-        self.train_set = CachedLatentDataset(self.cache_dir, splits["train"]["shards"])
+        extra = index.get("extra_tensors", [])
+        self.train_set = CachedLatentDataset(self.cache_dir, splits["train"]["shards"], extra)
         if "val" in splits:
-            self.val_set = CachedLatentDataset(self.cache_dir, splits["val"]["shards"])
+            self.val_set = CachedLatentDataset(self.cache_dir, splits["val"]["shards"], extra)
         # what precompute skipped, for SkippedSamplesLogger
         for split in splits.values():
             self.skips.skipped.extend(SkipRecord(r["path"], r["reason"]) for r in split["skipped"])

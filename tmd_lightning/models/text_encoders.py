@@ -191,8 +191,9 @@ class CachedTextEncoder(nn.Module):
 
         path = Path(cache_dir) / PROMPTS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {cache_dir} is not a finished precompute cache "
-                                    "(run `python -m tmd_lightning.precompute ... output=DIR` to completion)")
+            raise FileNotFoundError(f"{path} not found: {cache_dir} is not a finished cache (run the command that "
+                                    "writes it to completion: `python -m tmd_lightning.precompute ... output=DIR`, "
+                                    "or `python -m tmd_lightning.kd_pairs` for KD pairs)")
         with safe_open(str(path), framework="pt") as fh:
             captions = json.loads(fh.metadata()["captions"])
             embeddings = {c: fh.get_tensor(f"prompt.{i}") for i, c in enumerate(captions)}

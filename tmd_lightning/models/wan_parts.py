@@ -12,6 +12,7 @@ hold; times stay float32 (Wan keeps its time embedder in float32).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +97,19 @@ def block_features(wan: WanTransformer3DModel, hidden_states: torch.Tensor, t: t
             f, h, w = inputs.grid
             features[i] = hidden.unflatten(1, (f, h, w)).permute(0, 4, 1, 2, 3)
     return [features[i] for i in indices]
+
+
+def forward_skipping_blocks(wan: WanTransformer3DModel, hidden_states: torch.Tensor, t: torch.Tensor,
+                            encoder_hidden_states: torch.Tensor, skip: Collection[int]) -> torch.Tensor:
+    """Wan's output (velocity) with the blocks `skip` (0-based) left out: embed, the other blocks in order, output head.
+
+    The forward pass of skip-layer guidance (SLG), which runs a guidance branch with some blocks skipped; with `skip`
+    empty it equals `wan(...)`.
+    """
+    bad = [i for i in skip if not 0 <= i < wan.config.num_layers]
+    if bad:
+        raise ValueError(f"skipped blocks {bad} must lie in [0, {wan.config.num_layers - 1}]")
+    inputs = embed(wan, hidden_states, t, encoder_hidden_states)
+    kept = [block for i, block in enumerate(wan.blocks) if i not in set(skip)]
+    hidden = run_blocks(wan, kept, inputs.hidden_states, inputs.text, inputs.modulation, inputs.rotary_emb)
+    return output_head(wan, hidden, inputs.temb, inputs.grid)

@@ -77,7 +77,9 @@ def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
                      samplers=TMD_SAMPLERS),
                  Run(f"tmd_lora_s{k}", "distill", (*d, *LORA_FAKE_SCORE), init=f"s1_tmmf_s{k}",
                      family="TMD, LoRA fake score", seed=k, samplers=TMD_SAMPLERS)]
-        runs += [Run(f"dmd2_m{m}_s{k}", "distill_dmd2", (*d, f"tmd.M={m}", f"stage.grid_gamma={gamma}"),
+        # every DMD2-v run starts from the teacher: the study has no KD warm-up run (which M = 1 would use by default)
+        runs += [Run(f"dmd2_m{m}_s{k}", "distill_dmd2", (*d, f"tmd.M={m}", f"stage.grid_gamma={gamma}",
+                                                         "stage.student.kd_warmup=false"),
                      family=f"DMD2-v {m} step{'s' if m > 1 else ''}", seed=k, samplers=({"M": m},))
                  for m, gamma in DMD2_STEPS.items()]
     return runs
