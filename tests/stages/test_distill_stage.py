@@ -295,6 +295,7 @@ def test_bf16_teacher_as_on_gpu(text_encoder, tmp_path, kind):
     assert stage.iteration == 2 and seen and all(torch.isfinite(torch.tensor(seen)))
 
 
+@pytest.mark.parametrize("kind", ["tmd", "dmd2"])
 def test_a_batch_without_samples_is_skipped(text_encoder, kind):
     """Every item of the batch was an unusable file: no iteration runs, and the student/critic schedule waits."""
     stage = _stage(text_encoder, kind)
