@@ -198,6 +198,17 @@ def _plain(teacher: Path) -> tuple[Path, dict]:
                                   "world_size=1"))["index"]
 
 
+def test_a_bf16_teacher_makes_pairs_close_to_the_float32_ones(cache, teacher):
+    out, index = cache
+    bf16 = kd_pairs.run(_cfg(teacher, teacher.parent / "bf16", "num_pairs=2", "num_val_pairs=0",
+                             "teacher_dtype=bfloat16", "rank=0", "world_size=1"))["index"]
+    assert bf16["config"]["teacher_dtype"] == "bfloat16" and index["config"]["teacher_dtype"] == "float32"  # cpu: auto
+    pairs16, pairs32 = _stored(teacher.parent / "bf16", bf16, ("train",)), _stored(out, index)[:2]
+    for (_, z16, _, n16), (_, z32, _, n32) in zip(pairs16, pairs32, strict=True):
+        assert torch.equal(n16, n32) and not torch.equal(z16, z32)  # same noise, the teacher ran in bf16
+        assert (z16 - z32).norm() < 0.05 * z32.norm()  # measured: 0.9 % relative error
+
+
 def test_bad_settings_are_clear_errors(cache, teacher):
     out, _ = cache
     with pytest.raises(ValueError, match=r"skip_layers \[7\]: the teacher has blocks 0 .. 1"):
