@@ -91,6 +91,7 @@ def test_stored_pairs_are_the_teacher_samplers_output_from_the_stored_noise(cach
         torch.testing.assert_close(text, cond[0, :n], atol=1e-6, rtol=1e-6)
         assert n == 6 and torch.count_nonzero(cond[0, n:]) == 0  # trimmed to the caption's tokens
     assert index["prompts"]["captions"] == ["", *CAPTIONS] and index["extra_tensors"] == ["noise"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "prompts.safetensors", "train", "val"]  # no temps
 
 
 def test_the_cache_datamodule_serves_noise_target_and_text(cache, toy_text_encoder):

@@ -241,12 +241,16 @@ def finished_shards(out: Path, jobs: list[tuple[str, int, list]], sig: str) -> l
 
 def write_prompts(out: Path, captions: list[str], teacher: Teacher, cfg: DictConfig,
                   previous: dict[str, Any] | None, sig: str) -> dict[str, Any]:
-    """Stores the negative prompt and the pairs' prompts (trimmed), unless the same set is already there."""
+    """Stores the negative prompt and the pairs' prompts (trimmed), unless the same set is already there.
+
+    Written under a name of this process's own, then renamed: ranks that finish together both write it safely."""
     done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
     if not (done and (out / PROMPTS_FILE).is_file()):
         dtype = getattr(torch, cfg.dtype)
         embeddings = teacher.text_encoder.encode_trimmed(captions)
-        save_prompt_embeddings(out / PROMPTS_FILE, {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+        own = save_prompt_embeddings(out / f"{PROMPTS_FILE}.{os.getpid()}",
+                                     {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+        os.replace(own, out / PROMPTS_FILE)
     return {"file": PROMPTS_FILE, "negative_prompt": cfg.model.negative_prompt, "captions": captions,
             "signature": sig}
 
