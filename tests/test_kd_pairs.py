@@ -91,6 +91,7 @@ def test_stored_pairs_are_the_teacher_samplers_output_from_the_stored_noise(cach
         torch.testing.assert_close(text, cond[0, :n], atol=1e-6, rtol=1e-6)
         assert n == 6 and torch.count_nonzero(cond[0, n:]) == 0  # trimmed to the caption's tokens
     assert index["prompts"]["captions"] == ["", *CAPTIONS] and index["extra_tensors"] == ["noise"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "prompts.safetensors", "train", "val"]  # no temps
 
 
 def test_the_cache_datamodule_serves_noise_target_and_text(cache, toy_text_encoder):
@@ -196,6 +197,17 @@ def _plain(teacher: Path) -> tuple[Path, dict]:
     out = teacher.parent / "plain4"
     return out, kd_pairs.run(_cfg(teacher, out, "num_pairs=1", "num_val_pairs=0", "sampler.steps=4", "rank=0",
                                   "world_size=1"))["index"]
+
+
+def test_a_bf16_teacher_makes_pairs_close_to_the_float32_ones(cache, teacher):
+    out, index = cache
+    bf16 = kd_pairs.run(_cfg(teacher, teacher.parent / "bf16", "num_pairs=2", "num_val_pairs=0",
+                             "teacher_dtype=bfloat16", "rank=0", "world_size=1"))["index"]
+    assert bf16["config"]["teacher_dtype"] == "bfloat16" and index["config"]["teacher_dtype"] == "float32"  # cpu: auto
+    pairs16, pairs32 = _stored(teacher.parent / "bf16", bf16, ("train",)), _stored(out, index)[:2]
+    for (_, z16, _, n16), (_, z32, _, n32) in zip(pairs16, pairs32, strict=True):
+        assert torch.equal(n16, n32) and not torch.equal(z16, z32)  # same noise, the teacher ran in bf16
+        assert (z16 - z32).norm() < 0.05 * z32.norm()  # measured: 0.9 % relative error
 
 
 def test_bad_settings_are_clear_errors(cache, teacher):

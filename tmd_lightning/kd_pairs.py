@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,9 @@ from tmd_lightning.data.cache import (
     signature,
     write_shard,
 )
-from tmd_lightning.evaluation import resolve_prompts
+from tmd_lightning.evaluation import prepare_stage, resolve_prompts
 from tmd_lightning.models import load_transformer
+from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
 from tmd_lightning.models.wan_parts import forward_skipping_blocks
 from tmd_lightning.sampling import VelocityFn, cfg_velocity, teacher_sample
@@ -59,7 +59,7 @@ EXTRA_TENSORS = ["noise"]  # stored per pair besides the cache's latents (the te
 # ------------------------------------------------------------------------------------------------ what is planned
 
 
-def pair_record(cfg: DictConfig) -> dict[str, Any]:
+def pair_record(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     """The configuration pairs are made under (stored in the index; shards made under another one are redone)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     text_encoder = {k: v for k, v in model["text_encoder"].items() if k != "cache_dir"}
@@ -67,6 +67,7 @@ def pair_record(cfg: DictConfig) -> dict[str, Any]:
             "text_encoder": text_encoder, "negative_prompt": model["negative_prompt"],
             "num_frames": int(cfg.num_frames), "height": int(cfg.height), "width": int(cfg.width),
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "skip_layers": skip_layer_settings(cfg),
+            "teacher_dtype": str(resolve_dtype(cfg.teacher_dtype, device)).removeprefix("torch."),
             "seed": int(cfg.seed), "dtype": str(cfg.dtype)}
 
 
@@ -118,7 +119,7 @@ class Teacher:
         check_skip_layers(skip_layer_settings(self.cfg), self.cfg.sampler.cfg, transformer.config.num_layers)
         stage = TeacherStage(transformer, instantiate(self.cfg.model.codec), self.text_encoder, optimizer=None,
                              negative_prompt=self.cfg.model.negative_prompt)
-        return stage.to(self.device).eval()
+        return prepare_stage(stage, self.device, self.cfg.teacher_dtype)  # weights in bf16 on GPU by default
 
 
 def check_skip_layers(settings: dict[str, Any], cfg_scale: float, num_layers: int | None = None) -> None:
@@ -169,11 +170,6 @@ def teacher_samples(stage: TeacherStage, noise: torch.Tensor, text: torch.Tensor
 # ------------------------------------------------------------------------------------------------ writing shards
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> Any:
-    enabled = device.type == "cuda" if cfg.autocast == "auto" else bool(cfg.autocast)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
 def make_shard(teacher: Teacher, pairs: list[tuple[int, str]], cfg: DictConfig
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[dict]]:
     """Teacher samples, trimmed text embeddings, noises and sample records of one shard's pairs."""
@@ -189,8 +185,7 @@ def make_shard(teacher: Teacher, pairs: list[tuple[int, str]], cfg: DictConfig
         noise = stage.initial_noise([int(cfg.seed) + i for i, _ in batch], shape).to(dtype).float()
         trimmed = [t.to(dtype) for t in stage.text_encoder.encode_trimmed(captions)]
         text = padded(trimmed, stage.text_encoder.max_length).to(teacher.device)
-        with _autocast(cfg, teacher.device):
-            x = teacher_samples(stage, noise, text, sampler, skip_layer_settings(cfg)).float()
+        x = teacher_samples(stage, noise, text, sampler, skip_layer_settings(cfg))
         for (i, caption), xi, ti, ni in zip(batch, x, trimmed, noise, strict=True):
             latents.append(xi.to(dtype).cpu())
             texts.append(ti.cpu())
@@ -246,12 +241,16 @@ def finished_shards(out: Path, jobs: list[tuple[str, int, list]], sig: str) -> l
 
 def write_prompts(out: Path, captions: list[str], teacher: Teacher, cfg: DictConfig,
                   previous: dict[str, Any] | None, sig: str) -> dict[str, Any]:
-    """Stores the negative prompt and the pairs' prompts (trimmed), unless the same set is already there."""
+    """Stores the negative prompt and the pairs' prompts (trimmed), unless the same set is already there.
+
+    Written under a name of this process's own, then renamed: ranks that finish together both write it safely."""
     done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
     if not (done and (out / PROMPTS_FILE).is_file()):
         dtype = getattr(torch, cfg.dtype)
         embeddings = teacher.text_encoder.encode_trimmed(captions)
-        save_prompt_embeddings(out / PROMPTS_FILE, {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+        own = save_prompt_embeddings(out / f"{PROMPTS_FILE}.{os.getpid()}",
+                                     {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+        os.replace(own, out / PROMPTS_FILE)
     return {"file": PROMPTS_FILE, "negative_prompt": cfg.model.negative_prompt, "captions": captions,
             "signature": sig}
 
@@ -292,14 +291,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     rank, world_size = process_share(int(cfg.rank), int(cfg.world_size))
     check_skip_layers(skip_layer_settings(cfg), float(cfg.sampler.cfg))
+    device = resolve_device(cfg.device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    record = pair_record(cfg)
+    record = pair_record(cfg, device)
     sig = signature(record)
     previous = previous_index(out, record)
     prompts = resolve_prompts(cfg.prompts)
     jobs = shard_jobs(plan_pairs(int(cfg.num_pairs), int(cfg.num_val_pairs), prompts), int(cfg.shard_size))
-    teacher = Teacher(cfg, resolve_device(cfg.device))
+    teacher = Teacher(cfg, device)
     written = write_pairs(out, jobs[rank::world_size], teacher, cfg, sig)
     records = finished_shards(out, jobs, sig)
     index = None

@@ -50,8 +50,9 @@ class CacheError(ValueError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a file so that readers see the old or the new content, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Writes a file so that readers see the old or the new content, never a partial one (the temporary file is this
+    process's own, so processes writing the same file at once do not interfere: the last rename wins)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

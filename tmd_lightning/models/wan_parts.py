@@ -101,7 +101,8 @@ def block_features(wan: WanTransformer3DModel, hidden_states: torch.Tensor, t: t
 
 def forward_skipping_blocks(wan: WanTransformer3DModel, hidden_states: torch.Tensor, t: torch.Tensor,
                             encoder_hidden_states: torch.Tensor, skip: Collection[int]) -> torch.Tensor:
-    """Wan's output (velocity) with the blocks `skip` (0-based) left out: embed, the other blocks in order, output head.
+    """Wan's output (velocity) with the blocks `skip` (0-based) left out: embed, the other blocks in order, output head;
+    returned in float32 (or wider), as `wan_velocity`.
 
     The forward pass of skip-layer guidance (SLG), which runs a guidance branch with some blocks skipped; with `skip`
     empty it equals `wan(...)`.
@@ -112,4 +113,5 @@ def forward_skipping_blocks(wan: WanTransformer3DModel, hidden_states: torch.Ten
     inputs = embed(wan, hidden_states, t, encoder_hidden_states)
     kept = [block for i, block in enumerate(wan.blocks) if i not in set(skip)]
     hidden = run_blocks(wan, kept, inputs.hidden_states, inputs.text, inputs.modulation, inputs.rotary_emb)
-    return output_head(wan, hidden, inputs.temb, inputs.grid)
+    v = output_head(wan, hidden, inputs.temb, inputs.grid)
+    return v.to(torch.promote_types(v.dtype, torch.float32))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tmd_lightning.models import load_transformer
+from tmd_lightning.models.wan_parts import wan_velocity
 from tmd_lightning.sampling import effective_nfe
 from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
 from tmd_lightning.stages.student import few_step_wan_sample
@@ -61,11 +62,11 @@ class KDWarmupStage(VideoStage):
         self.sampler_defaults = dict(M=1, gamma=grid_gamma, t_max=t_max)
 
     def one_step(self, noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """x̂ = g(ε, t_max) = ε - t_max v_θ(ε, t_max, c), with gradients (Wan is called with timestep 1000 t)."""
+        """x̂ = g(ε, t_max) = ε - t_max v_θ(ε, t_max, c), with gradients; the velocity as the one-step sampler
+        computes it (`wan_velocity`: timestep 1000 t, float32 whatever the weights' dtype)."""
         t_max = self.hparams.t_max
         t = torch.full((noise.shape[0],), t_max, device=noise.device, dtype=torch.float32)
-        v = self.student(noise, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
-        return noise - t_max * v.float()
+        return noise - t_max * wan_velocity(self.student, noise, t, text)
 
     def kd_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """MSE between the one-step sample from the batch's noise and the teacher's sample from it."""
