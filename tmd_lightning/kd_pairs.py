@@ -72,6 +72,7 @@ def pair_record(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 
 
 def skip_layer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The skip-layer guidance settings: blocks skipped in CFG's unconditional branch, and the steps' window."""
     return {"blocks": [int(b) for b in cfg.skip_layers], "start": float(cfg.skip_layers_start),
             "end": float(cfg.skip_layers_end)}
 

@@ -34,9 +34,9 @@ class KDWarmupStage(VideoStage):
     so the warm-up trains the map the distilled student then samples with. The teacher saw ε as pure noise (t = 1);
     the student sees it at t_max, as Wan was pretrained and as every student grid ends.
 
-    "skip-layer 10" in the paper's KD settings is not explained there; our reading is skip-layer guidance at teacher
-    block 10 while the pairs are generated (`skip_layers` of `python -m tmd_lightning.kd_pairs`, off by default), so it
-    does not concern this stage.
+    "skip-layer 10" in the paper's KD settings is not explained there. Our reading: skip-layer guidance as Wan2.1's
+    community samplers apply it (teacher block 10 left out of CFG's unconditional branch) while the pairs are made
+    (`skip_layers` of `python -m tmd_lightning.kd_pairs`, off by default); it does not concern this stage.
 
     Batches come from the pair cache (`data=cache`): {"latents": teacher samples, "noise": ε, "text": embeddings}.
 
