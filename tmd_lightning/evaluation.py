@@ -3,6 +3,7 @@ the toy study share (kept out of the entry points, which nothing imports)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,13 @@ def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> the GPU when there is one, else the CPU; any other name as given ("cpu", "cuda:1")."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto" -> this process's GPU (cuda:LOCAL_RANK under torchrun, else cuda:0) when there is one, else the CPU;
+    any other name as given ("cpu", "cuda:1")."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def prepare_stage(stage: VideoStage, device: torch.device, dtype: str | torch.dtype = "auto") -> VideoStage:

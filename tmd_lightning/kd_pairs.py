@@ -42,10 +42,10 @@ from tmd_lightning.data.cache import (
     signature,
     write_shard,
 )
-from tmd_lightning.evaluation import prepare_stage, resolve_prompts
+from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts
 from tmd_lightning.models import load_transformer
 from tmd_lightning.models.precision import resolve_dtype
-from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
+from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings, zero_pad_text
 from tmd_lightning.models.wan_parts import forward_skipping_blocks
 from tmd_lightning.sampling import VelocityFn, cfg_velocity, teacher_sample
 from tmd_lightning.stages.teacher import TeacherStage
@@ -185,7 +185,7 @@ def make_shard(teacher: Teacher, pairs: list[tuple[int, str]], cfg: DictConfig
         # noise and text rounded to the storage dtype first: what is stored is exactly what the teacher started from
         noise = stage.initial_noise([int(cfg.seed) + i for i, _ in batch], shape).to(dtype).float()
         trimmed = [t.to(dtype) for t in stage.text_encoder.encode_trimmed(captions)]
-        text = padded(trimmed, stage.text_encoder.max_length).to(teacher.device)
+        text = zero_pad_text(trimmed, stage.text_encoder.max_length).to(teacher.device)
         x = teacher_samples(stage, noise, text, sampler, skip_layer_settings(cfg))
         for (i, caption), xi, ti, ni in zip(batch, x, trimmed, noise, strict=True):
             latents.append(xi.to(dtype).cpu())
@@ -194,15 +194,6 @@ def make_shard(teacher: Teacher, pairs: list[tuple[int, str]], cfg: DictConfig
             samples.append({"caption": caption, "pair": i, "latent_shape": list(xi.shape),
                             "text_shape": list(ti.shape)})
     return latents, texts, noises, samples
-
-
-def padded(trimmed: list[torch.Tensor], length: int) -> torch.Tensor:
-    """(B, length, D) float32 text embeddings zero-padded past each caption's tokens, as the text encoder returns them
-    and as the cache's collate pads them for training."""
-    text = torch.zeros(len(trimmed), length, trimmed[0].shape[-1])
-    for row, t in zip(text, trimmed, strict=True):
-        row[: t.shape[0]] = t.float()
-    return text
 
 
 def shard_is_current(path: Path, sig: str, pairs: list) -> dict[str, Any] | None:
@@ -274,15 +265,6 @@ def build_index(out: Path, jobs: list[tuple[str, int, list]], records: list[dict
 
 
 # ------------------------------------------------------------------------------------------------ the command
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> this process's GPU (cuda:LOCAL_RANK) when there is one, else cpu; anything else as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

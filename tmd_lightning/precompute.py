@@ -35,7 +35,7 @@ from tmd_lightning.data.cache import (
     write_shard,
 )
 from tmd_lightning.data.dataset import SkipCounter, VideoTextDataset, collate_videos
-from tmd_lightning.evaluation import resolve_prompts
+from tmd_lightning.evaluation import resolve_device, resolve_prompts
 from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,6 @@ def cache_record(cfg: DictConfig) -> dict[str, Any]:
     return {"model": model["name"], "codec": model["codec"], "text_encoder": text_encoder,
             "num_frames": int(cfg.data.num_frames), "height": int(cfg.data.height), "width": int(cfg.data.width),
             "frame_stride": int(cfg.data.get("frame_stride", 1)), "dtype": str(cfg.dtype)}
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as given."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
 class Encoders:

@@ -7,8 +7,6 @@ features from `wan_parts.block_features`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -61,11 +59,6 @@ class Discriminator(ModelMixin, ConfigMixin):
 
 
 def head_parameters(dim: int, hidden_dim: int) -> int:
-    """Parameters of one `ConvHead`, counted from its layers' shapes (for the plan and the width choice)."""
+    """Parameters of one `ConvHead`, counted from its layers' shapes (how the widths were chosen)."""
     k = 27  # 3 x 3 x 3 kernels
     return 2 * dim + (k * dim * hidden_dim + hidden_dim) + (k * hidden_dim ** 2 + hidden_dim) + (hidden_dim + 1)
-
-
-def downsampled(size: int, stride: int) -> int:
-    """Output length of a k3 / padding-1 convolution with this stride."""
-    return math.floor((size - 1) / stride) + 1

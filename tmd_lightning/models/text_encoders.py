@@ -157,6 +157,15 @@ class UnknownPromptError(KeyError):
         return str(self.args[0])
 
 
+def zero_pad_text(trimmed: list[torch.Tensor], length: int) -> torch.Tensor:
+    """(B, length, D) float32 embeddings from per-prompt (tokens, D) ones trimmed to their real length, zero past
+    each prompt's tokens, as the text encoder returns them (Wan's cross-attention has no mask)."""
+    text = torch.zeros(len(trimmed), length, trimmed[0].shape[-1])
+    for row, t in zip(text, trimmed, strict=True):
+        row[: t.shape[0]] = t.float()
+    return text
+
+
 class CachedTextEncoder(nn.Module):
     """Stands in for a text encoder when training from a cache: serves stored prompt embeddings, loads no encoder.
 
@@ -174,10 +183,7 @@ class CachedTextEncoder(nn.Module):
             raise ValueError(f"{source}: a stored prompt has {longest} tokens, more than max_length={max_length}")
         self.max_length, self.source = max_length, source
         self.rows = {caption: i for i, caption in enumerate(embeddings)}
-        dim = next(iter(embeddings.values())).shape[-1]
-        table = torch.zeros(len(embeddings), max_length, dim)
-        for i, emb in enumerate(embeddings.values()):
-            table[i, : emb.shape[0]] = emb.float()
+        table = zero_pad_text(list(embeddings.values()), max_length)
         self.register_buffer("table", table, persistent=False)
 
     @property
