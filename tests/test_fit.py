@@ -88,3 +88,51 @@ def test_a_bad_ckpt_path_fails_at_once_in_one_line(tmp_path: Path, problem: str)
     assert not (tmp_path / "data").exists()  # checked before the toy world is written
     assert not (tmp_path / "logs" / "teacher" / "runs" / "resume").exists()
     assert (tmp_path / "logs" / "teacher" / "latest").resolve() == old.resolve()
+
+
+@pytest.mark.parametrize("experiment", ["teacher", "adapt_head"])
+def test_a_diverging_run_fails_writes_no_bad_weights_and_leaves_latest(tmp_path: Path, experiment: str) -> None:
+    """`stage.optimizer.lr=1e30`: the weights blow up after the first step; the run must stop with an error instead
+    of going on and exporting them, and `experiment=distill` keeps finding the previous Stage 1."""
+    old = _fake_run(tmp_path, experiment)
+    cfg = _compose(tmp_path, "diverged", f"experiment={experiment}", "stage.optimizer.lr=1e30",
+                   "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=1", *TINY, *QUICK)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run(cfg)
+    folder = tmp_path / "logs" / experiment / "runs" / "diverged"
+    assert not list(folder.rglob("*.ckpt")) and not (folder / "export").exists()
+    assert (tmp_path / "logs" / experiment / "latest").resolve() == old.resolve()
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_a_preempted_run_saves_a_resumable_checkpoint_and_exits_143(tmp_path: Path, signum: str) -> None:
+    """A cluster pre-emption: SIGTERM (or SIGUSR1, outside SLURM) mid-run writes `last.ckpt` at the step reached,
+    and the exit status says the run did not finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "tmd_lightning.fit", "experiment=teacher", "trainer.max_steps=100000",
+            "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.model_checkpoint.save_last=false",
+            f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *TINY, *QUICK]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step000003.ckpt").is_file():  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signum))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    last = checkpoints / "last.ckpt"  # save_last=false: only the pre-emption writes it
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert step >= 3 and "pre-empted at step" in out
+    assert (tmp_path / "logs" / "teacher" / "latest").resolve() == (tmp_path / "run").resolve()
+    if signum != "SIGTERM":
+        return
+    resumed = run(_compose(tmp_path, "resumed", "experiment=teacher", f"trainer.max_steps={step + 1}",
+                           f"ckpt_path={last}", *TINY, *QUICK))
+    assert torch.load(resumed["checkpoint"], weights_only=False)["global_step"] == step + 1

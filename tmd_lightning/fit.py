@@ -10,12 +10,14 @@ that fails before its first checkpoint leaves `latest` where it was.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import get_object, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
@@ -24,6 +26,7 @@ from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
 log = logging.getLogger(__name__)
 register_resolvers()
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -91,7 +94,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="fit")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except SIGTERMException:  # pre-empted: `last.ckpt` is saved; a non-zero status tells the scheduler so
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def diagnostics(videos: torch.Tensor, prompt_ids: list[Any]) -> dict[str, float]
 class SamplingEvalCallback(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end of training) samples fixed prompts with fixed seeds.
 
+    The end-of-training evaluation is skipped under `fast_dev_run` and for runs shorter than one period (a smoke
+    test or a `trainer.max_steps=5` check should not spend minutes sampling); `every_n_steps=0` with
+    `at_train_end=true` evaluates at the end of any run.
+
     Args:
         every_n_steps: evaluation period in optimizer steps (0 disables periodic evaluation).
         seeds: one video per (prompt, seed); two or more seeds give the seed-diversity diagnostic.
@@ -132,6 +136,12 @@ class SamplingEvalCallback(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
+        if not self.at_train_end or trainer.fast_dev_run:
+            return
+        if trainer.global_step < self.every_n_steps:
+            log.info("no end-of-run %s evaluation: the run took %d steps, less than one evaluation period (%d)",
+                     self.prefix, trainer.global_step, self.every_n_steps)
+            return
+        if trainer.global_step != self._last_step:
             self._last_step = trainer.global_step
             self.evaluate(trainer, pl_module)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from tmd_lightning.callbacks.finite import agreed, all_finite, non_finite_error
 from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
 from tmd_lightning.models.lora import (
     FAKE_SCORE,
@@ -192,24 +193,11 @@ class DistillStage(VideoStage):
         return block_features(self.teacher, x_t, t, text, self.discriminator.feature_blocks)  # cast by `embed`
 
     def ensure_finite(self, name: str, value: torch.Tensor) -> None:
-        """A NaN/inf stops the run with a message naming it, after saving the last good state.
-
-        With several ranks the decision is collective: every rank stops (and joins the checkpoint save) when any
-        rank sees a non-finite value, instead of one rank leaving the others waiting in a collective."""
-        finite = bool(torch.isfinite(value).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            return
-        path = None
-        if self._trainer is not None:
-            callback = self.trainer.checkpoint_callback
-            folder = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-                Path(self.trainer.default_root_dir)
-            path = folder / f"last_good_before_iteration{self.iteration:06d}.ckpt"
-            self.trainer.save_checkpoint(path)
-        raise FloatingPointError(f"non-finite {name} at iteration {self.iteration}"
-                                 + (f"; the last good state is saved in {path}" if path else ""))
+        """A NaN/inf stops the run with a message naming it and the last checkpoint with finite, bounded weights
+        (callbacks/finite.py). The decision is collective: every rank stops when any rank sees a non-finite value,
+        instead of one rank leaving the others waiting in a collective."""
+        if not agreed(self._trainer, all_finite([value])):
+            raise non_finite_error(self._trainer, f"{name} at iteration {self.iteration}")
 
     def _step(self, optimizer: torch.optim.Optimizer, net: nn.Module, name: str) -> None:
         norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
