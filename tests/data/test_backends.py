@@ -1,4 +1,4 @@
-"""Video decoding backends (DESIGN.md §7): PyAV, decord, the auto fallback, and clear errors on bad files."""
+"""Video decoding backends (docs/method.md §7): PyAV, decord, the auto fallback, and clear errors on bad files."""
 
 from __future__ import annotations
 

@@ -50,9 +50,11 @@ class Run:
 
 
 TMD_SAMPLERS = ({"M": 1, "N": 2}, {"M": 1, "N": 4}, {"M": 2, "N": 2}, {"M": 2, "N": 4})
-# LoRA mode (§9): the fake score as a rank-16 adapter on the teacher (rank 64 is nearly full size at the toy's width)
+# LoRA mode (docs/method.md §9): the fake score as a rank-16 adapter on the teacher (rank 64 is nearly full size at
+# the toy's width)
 LORA_FAKE_SCORE = ("stage.lora.fake_score=true", "stage.lora.rank=16", "stage.lora.alpha=16")
-DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}  # DMD2-v steps -> student grid shift (§5: 10 for 2 steps, 5 for 3-4)
+# DMD2-v steps -> student grid shift (docs/method.md §5: 10 for 2 steps, 5 for 3-4)
+DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}
 
 
 def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
