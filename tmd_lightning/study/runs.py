@@ -19,7 +19,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Budget:
-    """Training and evaluation sizes of one study (the full one fits about 3 hours on 2 CPU cores)."""
+    """Training and evaluation sizes of one study (the full one took about 2.4 hours on 2 CPU cores, two trainings
+    at a time)."""
 
     stage1_steps: int = 300  # Stage 1 optimizer steps (batch 32); the README's single run uses 600
     distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the single run uses 1500
