@@ -26,7 +26,8 @@
 # - a stage's Lightning checkpoint (`.ckpt`): teacher, `adapt_head` or `distill`.
 #
 # By default it takes the latest `distill` export, else the latest `adapt_head` export, else the shipped toy
-# teacher, so the notebook runs top to bottom on a fresh clone (in well under two minutes on a CPU).
+# teacher, so the notebook runs top to bottom on a fresh clone (about 20 s on two idle CPU cores; under two minutes
+# on a busy machine).
 
 # %%
 import importlib.util

@@ -86,6 +86,13 @@ def test_decord_is_required_only_where_it_has_wheels():
         assert decord.marker.evaluate({"sys_platform": platform, "platform_machine": machine}) == expected
 
 
+def test_dev_extra_can_execute_the_notebook():
+    """`jupytext --execute` runs notebooks through nbconvert, which jupytext does not install itself."""
+    dev = {spec.split(">")[0].split("=")[0].split(";")[0].strip() for spec in
+           PYPROJECT["project"]["optional-dependencies"]["dev"]}
+    assert {"jupytext", "nbconvert", "ipykernel"} <= dev
+
+
 def test_scipy_is_not_a_runtime_dependency():
     """Only the tests use scipy; the package must import without it."""
     assert not [spec for spec in PYPROJECT["project"]["dependencies"] if spec.startswith("scipy")]
@@ -148,3 +155,14 @@ def test_make_help_describes_every_target():
     assert phony is not None and "help" in phony[1].split()
     described = set(re.findall(r"^([A-Za-z0-9_-]+):[^#\n]*## ", makefile, re.M))
     assert set(phony[1].split()) - described == set()
+
+
+def test_changelog_has_the_released_version_and_its_links():
+    """Keep a Changelog: an [Unreleased] section, a dated section for the version in pyproject, link definitions."""
+    text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    version = PYPROJECT["project"]["version"]
+    assert re.search(r"^## \[Unreleased\]$", text, re.M)
+    assert re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", text, re.M)
+    repo = PYPROJECT["project"]["urls"]["Homepage"]
+    assert f"[Unreleased]: {repo}/compare/v{version}...HEAD" in text
+    assert f"[{version}]: {repo}/releases/tag/v{version}" in text
