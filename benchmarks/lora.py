@@ -1,4 +1,4 @@
-"""LoRA-mode benchmark (DESIGN.md §9): Stage-2 speed and memory, full copies vs LoRA adapters.
+"""LoRA-mode benchmark (docs/method.md §9): Stage-2 speed and memory, full copies vs LoRA adapters.
 
     python benchmarks/lora.py            # a few minutes on 2 CPU cores
     python benchmarks/lora.py --quick    # smoke run

@@ -16,17 +16,18 @@
 # %% [markdown]
 # # Inspect samples
 #
-# Looks at what a checkpoint generates (DESIGN.md §8): the videos for a few prompts and seeds, the intermediate
+# Looks at what a checkpoint generates (docs/method.md §8): the videos for a few prompts and seeds, the intermediate
 # states of its sampler (the TMD student's outer transition steps and the inner flow-head steps inside each,
-# Algorithm 1, §3), and a side-by-side comparison with the teacher's 50 × 2 Euler CFG-5 sampler, with the
-# effective NFE (§2) and the seconds per video of each.
+# Algorithm 1, docs/method.md §3), and a side-by-side comparison with the teacher's 50 × 2 Euler CFG-5 sampler,
+# with the effective NFE (docs/method.md §2) and the seconds per video of each.
 #
 # Set `CHECKPOINT` below to any of:
 # - an exported folder (`logs/<experiment>/latest/export/student`, or a teacher's diffusers folder),
 # - a stage's Lightning checkpoint (`.ckpt`): teacher, `adapt_head` or `distill`.
 #
 # By default it takes the latest `distill` export, else the latest `adapt_head` export, else the shipped toy
-# teacher, so the notebook runs top to bottom on a fresh clone (in well under two minutes on a CPU).
+# teacher, so the notebook runs top to bottom on a fresh clone (about 20 s on two idle CPU cores; under two minutes
+# on a busy machine).
 
 # %%
 import importlib.util

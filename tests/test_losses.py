@@ -1,4 +1,4 @@
-"""TM-MeanFlow pieces (DESIGN.md §4) against analytic derivatives and `torch.func.jvp`."""
+"""TM-MeanFlow pieces (docs/method.md §4) against analytic derivatives and `torch.func.jvp`."""
 
 from __future__ import annotations
 

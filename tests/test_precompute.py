@@ -1,4 +1,4 @@
-"""`python -m tmd_lightning.precompute` (DESIGN.md §7) on the toy codec and text encoder: what it stores equals
+"""`python -m tmd_lightning.precompute` (docs/method.md §7) on the toy codec and text encoder: what it stores equals
 direct encoding, it resumes, it skips and counts bad files, and training from its cache equals training from videos.
 """
 

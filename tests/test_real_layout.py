@@ -1,4 +1,4 @@
-"""The real loading path (DESIGN.md §9): `model=wan2.1_t2v_1.3b` on a tiny random folder in the diffusers layout,
+"""The real loading path (docs/method.md §9): `model=wan2.1_t2v_1.3b` on a tiny random folder in the diffusers layout,
 both stages through `tmd_lightning.fit` from videos and from a `precompute` cache, the cache without loading UMT5.
 """
 

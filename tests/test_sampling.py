@@ -1,4 +1,4 @@
-"""Time grids, effective NFE and samplers (DESIGN.md §2)."""
+"""Time grids, effective NFE and samplers (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure loss functions (DESIGN.md §4-§5); torch only, so tests can call them directly."""
+"""Pure loss functions (docs/method.md §4-§5); torch only, so tests can call them directly."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def sample_r(s: torch.Tensor, inner_grid: torch.Tensor, p_equal: float,
              uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """TM-MF's r (§4 step 3): the largest inner-grid point <= s, then r = s on the rows where `uniform < p_equal`
-    (`uniform` ~ U(0, 1) per row, drawn here if not given), a fraction `p_equal` of them."""
+    """TM-MF's r (docs/method.md §4, step 3): the largest inner-grid point <= s, then r = s on the rows where
+    `uniform < p_equal` (`uniform` ~ U(0, 1) per row, drawn here if not given), a fraction `p_equal` of them."""
     grid = inner_grid.to(s)
     r = grid[torch.searchsorted(grid, s, right=True) - 1]
     uniform = torch.rand_like(s) if uniform is None else uniform

@@ -393,7 +393,7 @@ def members(stage: str, mode: str, c: dict[str, Counts], p: Precision, frozen_by
 
 def iterations(stage: str, mode: str, c: dict[str, Counts], s: Sizes, p: Precision,
                cfg: DictConfig) -> dict[str, Iteration]:
-    """The iteration kinds of `stage` (DESIGN.md §4-5) as calls with gradients: Stage 1's backbone + one head
+    """The iteration kinds of `stage` (docs/method.md §4-5) as calls with gradients: Stage 1's backbone + one head
     call; Stage 2's student iteration (student with the inner rollout, teacher on the GAN path up to its last
     feature block, discriminator) and critic iteration (fake score, discriminator on fake and real)."""
     lora_fake, lora_student = MODES[mode]

@@ -1,4 +1,4 @@
-"""Time grids, effective NFE and samplers (DESIGN.md §2).
+"""Time grids, effective NFE and samplers (docs/method.md §2).
 
 Convention: rectified flow with t = 1 as noise, `x_t = (1 - t) x + t eps`, velocity `v = eps - x`; Wan is called
 with timestep `1000 t`.

@@ -1,4 +1,4 @@
-"""`FSDP2Strategy`: Lightning's `ModelParallelStrategy` set up for pure FSDP2 data parallelism (DESIGN.md §9).
+"""`FSDP2Strategy`: Lightning's `ModelParallelStrategy` set up for pure FSDP2 data parallelism (docs/method.md §9).
 
 Lightning's `FSDPStrategy` (FSDP1) cannot run manual optimisation with several optimizers and is not used. Its
 `ModelParallelStrategy` leaves the parallelism to the LightningModule's `configure_model` (our stages call

@@ -1,4 +1,4 @@
-"""Precomputed caches, data side (DESIGN.md §7): shard files, collate padding, and the cached DataModule's checks.
+"""Precomputed caches, data side (docs/method.md §7): shard files, collate padding, and the cached DataModule's checks.
 
 The caches here are written by hand (shards + index), so the DataModule is tested apart from `precompute`.
 """

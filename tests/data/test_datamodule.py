@@ -1,4 +1,4 @@
-"""VideoTextDataModule (DESIGN.md §7): toy batches, counted skips of bad input, clear errors at setup."""
+"""VideoTextDataModule (docs/method.md §7): toy batches, counted skips of bad input, clear errors at setup."""
 
 from __future__ import annotations
 

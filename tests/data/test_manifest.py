@@ -1,4 +1,4 @@
-"""Manifests (DESIGN.md §7): CSV / JSONL parsing, path resolution, and clear errors on bad manifests."""
+"""Manifests (docs/method.md §7): CSV / JSONL parsing, path resolution, and clear errors on bad manifests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The procedural toy world (DESIGN.md §6): caption grammar, rendering, MP4 + manifest generation."""
+"""The procedural toy world (docs/method.md §6): caption grammar, rendering, MP4 + manifest generation."""
 
 from __future__ import annotations
 

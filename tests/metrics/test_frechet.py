@@ -1,4 +1,4 @@
-"""Fréchet distance (DESIGN.md §8) against an independent scipy reference; Gaussian statistics against numpy."""
+"""Fréchet distance (docs/method.md §8) against an independent scipy reference; Gaussian statistics against numpy."""
 
 from __future__ import annotations
 

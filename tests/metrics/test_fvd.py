@@ -1,4 +1,4 @@
-"""FVD in the StyleGAN-V protocol (DESIGN.md §8), each part checked against an independent reference.
+"""FVD in the StyleGAN-V protocol (docs/method.md §8), each part checked against an independent reference.
 
 No I3D weights exist here: the detector path is exercised with a TorchScript stand-in that has the StyleGAN-V
 detector's call signature (``x, rescale, resize, return_features``) and asserts the input contract it is given.

@@ -1,4 +1,4 @@
-"""Analytic toy metrics (DESIGN.md §6): >= 0.98 per attribute on real toy videos, sane edge cases, toy-FD."""
+"""Analytic toy metrics (docs/method.md §6): >= 0.98 per attribute on real toy videos, sane edge cases, toy-FD."""
 
 from __future__ import annotations
 

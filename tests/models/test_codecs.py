@@ -1,4 +1,4 @@
-"""Codecs (DESIGN.md §6, §7): the toy pixel codec and the Wan VAE wrapper with latent normalisation."""
+"""Codecs (docs/method.md §6, §7): the toy pixel codec and the Wan VAE wrapper with latent normalisation."""
 
 from __future__ import annotations
 

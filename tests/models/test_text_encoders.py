@@ -1,4 +1,4 @@
-"""Frozen text encoders (DESIGN.md §6, §7): the shipped toy T5 and the UMT5 loading path."""
+"""Frozen text encoders (docs/method.md §6, §7): the shipped toy T5 and the UMT5 loading path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The TMD student (DESIGN.md §3) against diffusers' own Wan forward pass, on tiny random models."""
+"""The TMD student (docs/method.md §3) against diffusers' own Wan forward pass, on tiny random models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1 (adapt_head, DESIGN.md §4) on a tiny random Wan student, the pixel codec and the toy T5."""
+"""Stage 1 (adapt_head, docs/method.md §4) on a tiny random Wan student, the pixel codec and the toy T5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2 in LoRA mode (DESIGN.md §9): the fake score as an adapter on the teacher, optionally a LoRA student."""
+"""Stage 2 in LoRA mode (docs/method.md §9): the fake score as an adapter on the teacher, optionally a LoRA student."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Stage 2 (distill, DESIGN.md §5) and the DMD2-v baseline on tiny random Wan models, the pixel codec and toy T5."""
+"""Stage 2 (distill, docs/method.md §5) and the DMD2-v baseline on tiny random Wan models, the pixel codec and the
+toy T5."""
 
 from __future__ import annotations
 

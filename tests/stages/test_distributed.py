@@ -1,4 +1,4 @@
-"""Data parallelism on CPU with two gloo processes (DESIGN.md §9): `trainer=ddp` and `trainer=fsdp` (FSDP2).
+"""Data parallelism on CPU with two gloo processes (docs/method.md §9): `trainer=ddp` and `trainer=fsdp` (FSDP2).
 
 The two ranks run in `distributed_worker.py` (started once for the module); this file checks what they saved against
 single-process runs it makes itself. The comparisons are built so that they can only pass when gradients really

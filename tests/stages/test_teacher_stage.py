@@ -1,4 +1,5 @@
-"""The flow-matching teacher stage (DESIGN.md §2, §6) on a tiny Wan transformer, the pixel codec and the toy T5."""
+"""The flow-matching teacher stage (docs/method.md §2, §6) on a tiny Wan transformer, the pixel codec and the
+toy T5."""
 
 from __future__ import annotations
 

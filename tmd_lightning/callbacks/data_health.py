@@ -1,4 +1,4 @@
-"""Logs the DataModule's skipped-sample counters once per epoch (DESIGN.md §7: nothing is lost silently)."""
+"""Logs the DataModule's skipped-sample counters once per epoch (docs/method.md §7: nothing is lost silently)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Video decoding backends behind one small interface (DESIGN.md §7).
+"""Video decoding backends behind one small interface (docs/method.md §7).
 
 decord is the primary reader. It is unmaintained and, at some small frame sizes, returns frames of the wrong
 shape or raises "The size must exactly match"; every decoded clip is therefore checked against the container's

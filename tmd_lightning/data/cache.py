@@ -1,4 +1,4 @@
-"""Precomputed caches (DESIGN.md §7): latents and trimmed text embeddings in shards, an index, and the DataModule
+"""Precomputed caches (docs/method.md §7): latents and trimmed text embeddings in shards, an index, and the DataModule
 that trains from them without running the codec's encoder or the text encoder.
 
 Layout of a cache folder (written by `python -m tmd_lightning.precompute`):

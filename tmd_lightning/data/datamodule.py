@@ -1,4 +1,4 @@
-"""The LightningDataModule: manifest -> decoded clips -> batches of uint8 videos and captions (DESIGN.md §7)."""
+"""The LightningDataModule: manifest -> decoded clips -> batches of uint8 videos and captions (docs/method.md §7)."""
 
 from __future__ import annotations
 

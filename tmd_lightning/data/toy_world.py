@@ -1,4 +1,4 @@
-"""The procedural toy text-to-video world (DESIGN.md §6).
+"""The procedural toy text-to-video world (docs/method.md §6).
 
 One coloured shape moves at constant speed over a dark background; the caption names its colour, shape and
 direction. Videos are rendered with anti-aliasing (supersampled, then area-averaged) and written as H.264 MP4

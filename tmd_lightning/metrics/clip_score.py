@@ -1,4 +1,4 @@
-"""CLIP score for videos (DESIGN.md §8): torchmetrics' ``CLIPScore`` on every frame, averaged per video.
+"""CLIP score for videos (docs/method.md §8): torchmetrics' ``CLIPScore`` on every frame, averaged per video.
 
 The CLIP model is always loaded from a local folder (a transformers ``CLIPModel`` + ``CLIPProcessor`` snapshot such
 as ``openai/clip-vit-large-patch14``), never downloaded: torchmetrics accepts a callable ``model_name_or_path`` that

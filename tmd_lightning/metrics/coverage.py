@@ -2,10 +2,10 @@
 
 Every toy caption fixes colour, shape and direction, but the data draws each video's start position and size at
 random, so a generator that covers the caption's modes shows the same within-caption spread of (start x, start y,
-size) as the data. Mode-seeking distillation (DMD without the t_dmd shift, §5) tends to shrink that spread towards
-one "typical" video per caption; the ratio `std(samples) / std(data)` per quantity measures it (1 = full coverage,
-0 = one mode per caption). Standard deviations are pooled within captions, so the attributes the caption fixes
-(direction moves the start, colour/shape do not) never count as spread.
+size) as the data. Mode-seeking distillation (DMD without the t_dmd shift, docs/method.md §5) tends to shrink that
+spread towards one "typical" video per caption; the ratio `std(samples) / std(data)` per quantity measures it
+(1 = full coverage, 0 = one mode per caption). Standard deviations are pooled within captions, so the attributes
+the caption fixes (direction moves the start, colour/shape do not) never count as spread.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fréchet distance between Gaussians, in float64 with an eigenvalue-based trace term (DESIGN.md §8)."""
+"""Fréchet distance between Gaussians, in float64 with an eigenvalue-based trace term (docs/method.md §8)."""
 
 from __future__ import annotations
 

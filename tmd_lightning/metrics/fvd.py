@@ -1,4 +1,4 @@
-"""Fréchet Video Distance in the StyleGAN-V protocol (DESIGN.md §8), as a torchmetrics ``Metric``.
+"""Fréchet Video Distance in the StyleGAN-V protocol (docs/method.md §8), as a torchmetrics ``Metric``.
 
 The protocol (Skorokhodov et al., StyleGAN-V, ``src/metrics/frechet_video_distance.py``): features come from the
 TorchScript port of the tf.hub Kinetics-400 I3D (``i3d_torchscript.pt``) called with ``return_features=True`` (the

@@ -1,4 +1,5 @@
-"""Analytic toy-world metrics (DESIGN.md §6): attribute classifiers, per-attribute/joint accuracy, toy-FD features.
+"""Analytic toy-world metrics (docs/method.md §6): attribute classifiers, per-attribute/joint accuracy, toy-FD
+features.
 
 No network is involved, so what they report about generated videos is about the generator. A test checks that
 they score real toy videos at >= 0.98 per attribute.

@@ -1,4 +1,4 @@
-"""Codecs map uint8 videos to the latents the transformer sees, and back (DESIGN.md §6, §7).
+"""Codecs map uint8 videos to the latents the transformer sees, and back (docs/method.md §6, §7).
 
 `PixelCodec` is the toy world's codec (space-to-depth, lossless); `WanVAECodec` wraps diffusers'
 `AutoencoderKLWan` and applies the latent normalisation the VAE itself does not: `(z - latents_mean) / latents_std`.

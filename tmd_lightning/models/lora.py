@@ -1,4 +1,4 @@
-"""LoRA mode (DESIGN.md §9): trainable low-rank adapters on frozen weights instead of full trainable copies.
+"""LoRA mode (docs/method.md §9): trainable low-rank adapters on frozen weights instead of full trainable copies.
 
 DMD-style distillation holds three full models (student, frozen teacher, fake score); the fake score is a second
 copy of the teacher that is trained. In LoRA mode the fake score is a peft LoRA adapter named "fake_score" on the

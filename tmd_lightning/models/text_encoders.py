@@ -1,4 +1,4 @@
-"""Frozen text encoders with their tokenizers, loaded from local folders (DESIGN.md §6, §7).
+"""Frozen text encoders with their tokenizers, loaded from local folders (docs/method.md §6, §7).
 
 Real scale: UMT5 (`text_encoder/` + `tokenizer/` of a Wan2.1 diffusers folder). Toy: a tiny random T5 encoder
 with a word-level tokenizer, shipped in the package, so nothing is downloaded. Both return embeddings of a fixed

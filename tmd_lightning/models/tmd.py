@@ -1,4 +1,4 @@
-"""The TMD student (DESIGN.md §3): a Wan transformer split into a main backbone and a flow head.
+"""The TMD student (docs/method.md §3): a Wan transformer split into a main backbone and a flow head.
 
 Notation (used in config and log names too):
     L  blocks of the teacher; the backbone runs blocks 0 .. L-H-1 once per outer step,
@@ -273,7 +273,7 @@ class TMDTransformer(ModelMixin, ConfigMixin):
         z = run_blocks(wan, wan.blocks[self.num_layers - self.head_blocks :], z, text, modulation, m.rotary_emb)
         return output_head(wan, z, e, m.grid)
 
-    # -- flow-map algebra (§3) -------------------------------------------------------------------------------------
+    # -- flow-map algebra (docs/method.md §3) ----------------------------------------------------------------------
     def average_velocity(self, sample: torch.Tensor, s: torch.Tensor, r: torch.Tensor, m: BackboneOutput,
                          inner_noise: torch.Tensor) -> torch.Tensor:
         """`u_θ(y_s, s, r) = y1 - head_θ(y_s, s, r)`, the average inner velocity from s to r."""

@@ -1,4 +1,4 @@
-"""Stage 1 (adapt_head): the flow head becomes a conditional flow map, trained with TM-MeanFlow (DESIGN.md §4)."""
+"""Stage 1 (adapt_head): the flow head becomes a conditional flow map, trained with TM-MeanFlow (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tmd_lightning.stages.student import StudentStage
 class AdaptHeadStage(StudentStage):
     """TM-MeanFlow fine-tuning of the whole student (backbone features are not detached).
 
-    Per batch (§4): outer t from the outer grid; condition dropout to the negative prompt; inner times
+    Per batch (docs/method.md §4): outer t from the outer grid; condition dropout to the negative prompt; inner times
     `s = shift(U(s_min, s_max), s_shift)`, `r` = the inner-grid point below s, or r = s on a fraction
     `p_r_equals_s` of rows; the CFG target `ṽ = ω v + (1 - ω) u(y_s, s, s; c_neg)`; the MeanFlow target
     `û = ṽ - (s - r) du/ds` with a finite-difference du/ds; the adaptively normalised loss.
@@ -29,7 +29,7 @@ class AdaptHeadStage(StudentStage):
         s_shift, s_min, s_max: the inner-time sampler.
         p_r_equals_s: fraction of rows trained as plain transition matching (r = s); 0.75 in the paper.
         cfg_scale: ω of the CFG target (1 disables it).
-        fd_delta: δ of the finite difference; 5e-3 deliberately smooths the derivative in s (§4).
+        fd_delta: δ of the finite difference; 5e-3 deliberately smooths the derivative in s (docs/method.md §4).
         fd_full_precision: run the two finite-difference head passes with autocast off, in the weights' dtype
             (float32 under `bf16-mixed`). In bf16 activations the step ±δ·ṽ is one or two ulps of y_s and the
             difference of the two passes is mostly rounding; the passes (no grad, the r < s rows only) then cost

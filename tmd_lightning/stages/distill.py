@@ -1,4 +1,5 @@
-"""Stage 2 (distill): DMD2-v distribution matching with the flow head unrolled, and the DMD2-v baseline (§5).
+"""Stage 2 (distill): DMD2-v distribution matching with the flow head unrolled, and the DMD2-v baseline
+(docs/method.md §5).
 
 Four networks: the student (trained), the frozen teacher (never trained, never in checkpoints), the fake score
 (teacher architecture and init, trained on the student's samples) and the discriminator (Conv3D heads on

@@ -1,4 +1,4 @@
-"""How a stage runs data-parallel (DESIGN.md §9): DDP checks, FSDP2 sharding per Wan block, activation
+"""How a stage runs data-parallel (docs/method.md §9): DDP checks, FSDP2 sharding per Wan block, activation
 checkpointing, per-rank random streams, and a sharded network gathered whole for export.
 
 Everything here is called from `VideoStage.configure_model` / `setup` / `export_pretrained`, so every stage gets

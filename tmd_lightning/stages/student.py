@@ -1,4 +1,4 @@
-"""What the TMD stages share: the student, its grids (§2) and its sampler (Algorithm 1)."""
+"""What the TMD stages share: the student, its grids (docs/method.md §2) and its sampler (Algorithm 1)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def student_nfe(student: nn.Module, opts: dict[str, Any]) -> float:
 
 
 class FewStepWanStage(VideoStage):
-    """A distilled full Wan model (the DMD2-v student) with DMD2-v's deterministic M-step sampler (§5).
+    """A distilled full Wan model (the DMD2-v student) with DMD2-v's deterministic M-step sampler (docs/method.md §5).
 
     Args:
         student: the `WanTransformer3DModel`.

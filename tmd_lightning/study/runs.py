@@ -19,7 +19,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Budget:
-    """Training and evaluation sizes of one study (the full one fits about 3 hours on 2 CPU cores)."""
+    """Training and evaluation sizes of one study (the full one took about 2.4 hours on 2 CPU cores, two trainings
+    at a time)."""
 
     stage1_steps: int = 300  # Stage 1 optimizer steps (batch 32); the README's single run uses 600
     distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the single run uses 1500
@@ -50,9 +51,11 @@ class Run:
 
 
 TMD_SAMPLERS = ({"M": 1, "N": 2}, {"M": 1, "N": 4}, {"M": 2, "N": 2}, {"M": 2, "N": 4})
-# LoRA mode (§9): the fake score as a rank-16 adapter on the teacher (rank 64 is nearly full size at the toy's width)
+# LoRA mode (docs/method.md §9): the fake score as a rank-16 adapter on the teacher (rank 64 is nearly full size at
+# the toy's width)
 LORA_FAKE_SCORE = ("stage.lora.fake_score=true", "stage.lora.rank=16", "stage.lora.alpha=16")
-DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}  # DMD2-v steps -> student grid shift (§5: 10 for 2 steps, 5 for 3-4)
+# DMD2-v steps -> student grid shift (docs/method.md §5: 10 for 2 steps, 5 for 3-4)
+DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}
 
 
 def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
