@@ -10,7 +10,7 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
-.PHONY: help install demo baseline baseline-1step teacher-demo test lint bench teacher clean
+.PHONY: help install smoke demo baseline baseline-1step teacher-demo test lint bench teacher clean
 
 .DEFAULT_GOAL := help
 
@@ -24,6 +24,16 @@ help:  ## List the targets with a one-line description each
 install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)  ## Install the project + dev extra (in .venv unless a venv is active)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+
+# One batch through each stage (`debug=fdr`: no checkpoint, no export, no evaluation, `latest` untouched) on a small
+# toy set of its own (data/toy_smoke, 48 + 48 videos); Stage 2 distils a student built from the teacher, since a
+# smoke test of Stage 1 writes no checkpoint. Measured: see README (quick start).
+SMOKE := debug=fdr 'data.toy.root=$${paths.data_dir}/toy_smoke' data.toy.videos_per_caption=1 \
+	data.toy.val_videos_per_caption=1
+smoke: install  ## One batch through teacher, adapt_head and distill (debug=fdr; under 3 min on 2 CPU cores)
+	$(PYTHON) -m tmd_lightning.fit experiment=teacher $(SMOKE)
+	$(PYTHON) -m tmd_lightning.fit experiment=adapt_head $(SMOKE)
+	$(PYTHON) -m tmd_lightning.fit experiment=distill stage/student=from_teacher $(SMOKE)
 
 # The main job on the toy (about 35 minutes on 2 CPU cores): Stage 1 from the shipped teacher, Stage 2, then the
 # quality-vs-cost table and Pareto plot of teacher, Stage 1, TMD (and DMD2-v if `make baseline` ran).

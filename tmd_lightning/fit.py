@@ -84,9 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "wrote no checkpoint)"))
         if ckpt:
             print(f"checkpoint:   {ckpt}")
-        for name in ("export_dir",):
-            if cfg.paths.get(name):
-                print(f"export:       {cfg.paths[name]}")
+        if cfg.paths.get("export_dir") and Path(cfg.paths.export_dir).exists():
+            print(f"export:       {cfg.paths.export_dir}")
         print(f"tensorboard:  tensorboard --logdir {cfg.paths.log_dir}")
         result["checkpoint"] = ckpt
     return result
