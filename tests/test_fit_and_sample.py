@@ -72,8 +72,10 @@ def test_sample_writes_videos_the_reader_reads_back(teacher_run: Path) -> None:
     entries = read_manifest(out / "manifest.csv")
     assert len(entries) == 4 and {e.caption for e in entries} == {"a red circle moving left", "a blue square moving up"}
     backend = get_backend("auto")
-    for e in entries:
-        assert backend.read(e.path, 9).shape == (9, 16, 16, 3)
+    for e in entries:  # H.264 yuv420p, nearest-upscaled x16 to the default 256 px
+        assert backend.read(e.path, 9).shape == (9, 256, 256, 3) and "_seed" in e.path.name
+    assert (out / "videos" / "a-red-circle-moving-left_seed1.mp4").is_file()
+    assert (out / "videos" / "contact_sheet.png").is_file() and (out / "videos" / "grid.gif").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["effective_nfe"] == 6 and "toy" in summary and 0 <= summary["toy"]["acc_joint"] <= 1
     assert summary["toy"]["toy_fd"] > 0 and summary["toy"]["toy_fd_real_count"] == 192  # reference written on use
@@ -146,7 +148,7 @@ def test_sample_tmd_checkpoint_and_its_export_give_the_same_videos(adapt_head_ru
          cwd=adapt_head_run)
     assert "effective NFE: 1.5 " in a.stdout  # M (1 + (N - 1) H / L) = 1 (1 + 1/2)
     backend = get_backend("auto")
-    for name in ("00000_seed0.mp4", "00001_seed0.mp4"):
+    for name in ("a-red-circle-moving-left_seed0.mp4", "a-blue-square-moving-up_seed0.mp4"):
         one = backend.read(adapt_head_run / "tmd_ckpt" / "videos" / name, 9)
         two = backend.read(adapt_head_run / "tmd_export" / "videos" / name, 9)
         assert (one == two).all()
