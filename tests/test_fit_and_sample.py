@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tb_events import hparams_of
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tmd_lightning.data import get_backend, read_manifest
@@ -43,16 +44,23 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_teacher_fit_leaves_loss_curve_videos_checkpoint_and_export(teacher_run: Path) -> None:
     latest = teacher_run / "logs" / "teacher" / "latest"
     assert latest.is_symlink() and (latest / "checkpoints" / "last.ckpt").is_file()
-    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     losses = events.Scalars("train/loss")
     assert len(losses) >= 2 and losses[-1].step >= 19
     assert all(torch.isfinite(torch.tensor(e.value)) for e in losses)
     assert "toy/acc_joint" in events.Tags()["scalars"]
     videos = events.Images("toy/samples")  # add_video writes an animated-GIF image summary
-    # 8 clips of 16x16 tiled 4 x 2 by add_video
+    # 8 clips of 16x16, upscaled to 64 px, tiled 4 x 2 with 2 px borders
     assert videos and videos[-1].encoded_image_string[:3] == b"GIF"
-    assert (videos[-1].width, videos[-1].height) == (64, 32)
+    assert (videos[-1].width, videos[-1].height) == (2 + 4 * 66, 2 + 2 * 66)
+    legend = events.Tensors("toy/samples/legend/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert legend.count("(seed 0) |") == 8 and "| 2 | 4 |" in legend
+    params, metrics = hparams_of(latest / "tensorboard")  # the HParams tab: resolved config, final eval metrics
+    assert params["trainer/max_steps"] == 20 and params["task_name"] == "teacher"
+    assert params["callbacks/toy_eval/sampler/steps"] == 2 and params["paths/root_dir"] == str(teacher_run)
+    assert {"toy/acc_joint", "toy/fd", "toy/effective_nfe"} <= set(metrics)
+    assert {"toy/acc_joint", "toy/fd"} <= set(events.Tags()["scalars"])  # logged at the end under the same names
     curve = (latest / "toy_eval.csv").read_text().splitlines()
     assert curve[0].startswith("step,") and len(curve) >= 3
     from diffusers import WanTransformer3DModel
