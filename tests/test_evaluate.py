@@ -61,6 +61,21 @@ def test_evaluate_writes_table_csv_plot_and_vbench(tmp_path: Path):
     vb = sorted(p.name for p in (tmp_path / "vbench" / "teacher_Euler_2_x_CFG_5").iterdir())
     assert vb == ["a blue square moving up-0.mp4", "a blue square moving up-1.mp4", "a red circle moving left-0.mp4",
                   "a red circle moving left-1.mp4"]
+    import av
+    from PIL import Image
+
+    samples = out / "samples" / "teacher_Euler_2_x_CFG_5"
+    assert sorted(p.name for p in samples.glob("*.mp4")) == [
+        "a-blue-square-moving-up_seed0.mp4", "a-blue-square-moving-up_seed1.mp4",
+        "a-red-circle-moving-left_seed0.mp4", "a-red-circle-moving-left_seed1.mp4"]
+    for path in [samples / "a-red-circle-moving-left_seed1.mp4", tmp_path / "vbench" / "teacher_Euler_2_x_CFG_5" /
+                 "a red circle moving left-0.mp4"]:
+        with av.open(str(path)) as container:
+            ctx = container.streams.video[0].codec_context
+            assert (ctx.pix_fmt, ctx.width, ctx.height) == ("yuv420p", 256, 256)
+    assert (samples / "contact_sheet.png").is_file() and Image.open(samples / "grid.gif").n_frames == 9
+    grid = Image.open(out / "samples" / "grid.gif")  # both rows side by side, one per (model, sampler)
+    assert grid.n_frames == 9 and grid.size[1] > 2 * 64
 
 
 def test_missing_required_model_is_an_error(tmp_path: Path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tb_events import hparams_of
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tmd_lightning.data import get_backend, read_manifest
@@ -43,16 +44,23 @@ def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_teacher_fit_leaves_loss_curve_videos_checkpoint_and_export(teacher_run: Path) -> None:
     latest = teacher_run / "logs" / "teacher" / "latest"
     assert latest.is_symlink() and (latest / "checkpoints" / "last.ckpt").is_file()
-    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(str(latest / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     losses = events.Scalars("train/loss")
     assert len(losses) >= 2 and losses[-1].step >= 19
     assert all(torch.isfinite(torch.tensor(e.value)) for e in losses)
     assert "toy/acc_joint" in events.Tags()["scalars"]
     videos = events.Images("toy/samples")  # add_video writes an animated-GIF image summary
-    # 8 clips of 16x16 tiled 4 x 2 by add_video
+    # 8 clips of 16x16, upscaled to 64 px, tiled 4 x 2 with 2 px borders
     assert videos and videos[-1].encoded_image_string[:3] == b"GIF"
-    assert (videos[-1].width, videos[-1].height) == (64, 32)
+    assert (videos[-1].width, videos[-1].height) == (2 + 4 * 66, 2 + 2 * 66)
+    legend = events.Tensors("toy/samples/legend/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert legend.count("(seed 0) |") == 8 and "| 2 | 4 |" in legend
+    params, metrics = hparams_of(latest / "tensorboard")  # the HParams tab: resolved config, final eval metrics
+    assert params["trainer/max_steps"] == 20 and params["task_name"] == "teacher"
+    assert params["callbacks/toy_eval/sampler/steps"] == 2 and params["paths/root_dir"] == str(teacher_run)
+    assert {"toy/acc_joint", "toy/fd", "toy/effective_nfe"} <= set(metrics)
+    assert {"toy/acc_joint", "toy/fd"} <= set(events.Tags()["scalars"])  # logged at the end under the same names
     curve = (latest / "toy_eval.csv").read_text().splitlines()
     assert curve[0].startswith("step,") and len(curve) >= 3
     from diffusers import WanTransformer3DModel
@@ -72,8 +80,10 @@ def test_sample_writes_videos_the_reader_reads_back(teacher_run: Path) -> None:
     entries = read_manifest(out / "manifest.csv")
     assert len(entries) == 4 and {e.caption for e in entries} == {"a red circle moving left", "a blue square moving up"}
     backend = get_backend("auto")
-    for e in entries:
-        assert backend.read(e.path, 9).shape == (9, 16, 16, 3)
+    for e in entries:  # H.264 yuv420p, nearest-upscaled x16 to the default 256 px
+        assert backend.read(e.path, 9).shape == (9, 256, 256, 3) and "_seed" in e.path.name
+    assert (out / "videos" / "a-red-circle-moving-left_seed1.mp4").is_file()
+    assert (out / "videos" / "contact_sheet.png").is_file() and (out / "videos" / "grid.gif").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["effective_nfe"] == 6 and "toy" in summary and 0 <= summary["toy"]["acc_joint"] <= 1
     assert summary["toy"]["toy_fd"] > 0 and summary["toy"]["toy_fd_real_count"] == 192  # reference written on use
@@ -146,7 +156,7 @@ def test_sample_tmd_checkpoint_and_its_export_give_the_same_videos(adapt_head_ru
          cwd=adapt_head_run)
     assert "effective NFE: 1.5 " in a.stdout  # M (1 + (N - 1) H / L) = 1 (1 + 1/2)
     backend = get_backend("auto")
-    for name in ("00000_seed0.mp4", "00001_seed0.mp4"):
+    for name in ("a-red-circle-moving-left_seed0.mp4", "a-blue-square-moving-up_seed0.mp4"):
         one = backend.read(adapt_head_run / "tmd_ckpt" / "videos" / name, 9)
         two = backend.read(adapt_head_run / "tmd_export" / "videos" / name, 9)
         assert (one == two).all()

@@ -67,3 +67,29 @@ def test_a_bad_checkpoint_fails_before_the_encoders_load(tmp_path, monkeypatch, 
     message = str(info.value)
     assert f"checkpoint={ckpt}" in message and "\n" not in message
     assert ("truncated" in message) == (problem == "truncated")
+
+
+def test_sample_writes_viewable_named_videos_contact_sheet_and_grid(tmp_path):
+    import av
+    from PIL import Image
+
+    from tmd_lightning.data import read_manifest
+    from tmd_lightning.media import contact_sheet_size
+
+    summary = sample.run(_compose(tmp_path, "prompts=[a red circle moving left,a blue square moving up]",
+                                  "seeds=[0,3]", "sampler.steps=1", "toy_reference=null", "video.min_side=128"))
+    videos = tmp_path / "out" / "videos"
+    names = ["a-red-circle-moving-left_seed0.mp4", "a-red-circle-moving-left_seed3.mp4",
+             "a-blue-square-moving-up_seed0.mp4", "a-blue-square-moving-up_seed3.mp4"]
+    entries = read_manifest(tmp_path / "out" / "manifest.csv")
+    assert [e.path.name for e in entries] == names
+    assert {(e.height, e.width, e.num_frames) for e in entries} == {(128, 128, 9)}
+    for name in names:
+        with av.open(str(videos / name)) as container:
+            stream = container.streams.video[0]
+            count = sum(1 for _ in container.decode(stream))
+            assert (stream.codec_context.pix_fmt, stream.codec_context.width, stream.codec_context.height,
+                    count) == ("yuv420p", 128, 128, 9)
+    assert Image.open(summary["contact_sheet"]).size == contact_sheet_size(4, 9, 16, 16, 64)
+    grid = Image.open(summary["grid"])
+    assert grid.n_frames == 9 and summary["grid"] == str(videos / "grid.gif")

@@ -6,7 +6,10 @@ accuracy and toy-FD against held-out real videos; at scale, FVD (StyleGAN-V prot
 manifest of real videos and CLIP score (a local CLIP folder), with `toy_metrics=false`. Writes `results.md`,
 `results.csv` and `pareto.png` (quality against effective NFE and against seconds per video) in the run folder,
 prints the table and where everything went. With `vbench_dir` set it also writes every sample in VBench's layout
-(`<dir>/<model>/<prompt>-<index>.mp4`); `samples_per_row` videos of each row go to `samples/` in the run folder.
+(`<dir>/<model>/<prompt>-<index>.mp4`). The first `samples_per_row` videos of each row go to
+`samples/<model sampler>/` in the run folder (`<prompt slug>_seed<n>.mp4`, `contact_sheet.png`, `grid.gif`), and
+`samples/grid.gif` shows them side by side, one row per (model, sampler). Every MP4 is H.264 yuv420p,
+nearest-upscaled to `video.min_side` px on the short side.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.data.toy_world import FPS, write_mp4
+from tmd_lightning.data.toy_world import FPS
 from tmd_lightning.evaluation import (
     generate,
     load_model,
@@ -34,6 +37,7 @@ from tmd_lightning.evaluation import (
     toy_reference,
     toy_report,
 )
+from tmd_lightning.media import gif_grid, media_options, write_run_media, write_viewable_mp4
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 
@@ -53,14 +57,19 @@ def student_shape(stage: VideoStage) -> dict[str, Any]:
     return {"H": student.head_blocks} if hasattr(student, "head_blocks") else {}
 
 
-def write_vbench(folder: Path, model: str, pairs: list[tuple[str, int]], videos: torch.Tensor) -> None:
+def folder_name(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label)
+
+
+def write_vbench(folder: Path, model: str, pairs: list[tuple[str, int]], videos: torch.Tensor,
+                 min_side: int = 256) -> None:
     """VBench's layout: one folder per model, `<prompt>-<index>.mp4` with the index counting seeds per prompt."""
-    target = folder / re.sub(r"[^\w.-]+", "_", model)
+    target = folder / folder_name(model)
     seen: dict[str, int] = {}
     for (prompt, _), video in zip(pairs, videos, strict=True):
         index = seen.get(prompt, 0)
         seen[prompt] = index + 1
-        write_mp4(target / f"{prompt}-{index}.mp4", video.numpy(), fps=FPS)
+        write_viewable_mp4(target / f"{prompt}-{index}.mp4", video.numpy(), fps=FPS, min_side=min_side)
 
 
 QUALITY = [("acc_joint", "joint acc", "{:.3f}"), ("toy_fd", "toy-FD", "{:.4f}"), ("fvd", "FVD", "{:.2f}"),
@@ -132,31 +141,65 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for x2, y2 in points)]
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path, metric: str = "toy_fd") -> Path:
-    """Two panels: `metric` against effective NFE and against seconds per video (log x), Pareto fronts drawn."""
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p"]
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def series_of(sampler: str) -> str:
+    """A sampler label without its step count: the points of one curve (`Euler 2 x CFG 5` -> `Euler x CFG 5`,
+    `TMD M=2 N=4` -> `TMD N=4`, `few-step M=3` -> `few-step`)."""
+    return re.sub(r"\s+", " ", re.sub(r"M=\d+", "", re.sub(r"(Euler) \d+", r"\1", sampler))).strip()
+
+
+def pareto_figure(rows: list[dict[str, Any]], metric: str = "toy_fd"):
+    """The figure of `pareto_plot`. One colour and one marker per model family (teacher, TMD Stage 1, TMD, DMD2-v,
+    ...); each family's sampler series (the teacher's Euler at one CFG over its step counts, a TMD student at one N
+    over M, DMD2-v over M) is one line through its points, sorted by cost, line style telling series of one family
+    apart; log cost axes with ticks at 1, 2, 5 x 10^k written as plain numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    colours = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    families = list(dict.fromkeys(r["model"] for r in rows))
     for ax, cost, label in ((axes[0], "effective_nfe", "effective NFE"), (axes[1], "seconds_per_video",
                                                                           "seconds per video")):
-        for model in models:
-            mine = [r for r in rows if r["model"] == model]
-            ax.scatter([r[cost] for r in mine], [r[metric] for r in mine], label=model, s=28)
-            for r in mine:
-                ax.annotate(r["sampler"], (r[cost], r[metric]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for f, family in enumerate(families):
+            mine = [r for r in rows if r["model"] == family]
+            series = list(dict.fromkeys(series_of(r["sampler"]) for r in mine))
+            for k, name in enumerate(series):
+                points = sorted((r[cost], r[metric], r["sampler"]) for r in mine if series_of(r["sampler"]) == name)
+                legend = family if len(series) == 1 else f"{family}: {name.removeprefix('TMD ')}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=colours[f % len(colours)],
+                        marker=MARKERS[f % len(MARKERS)], linestyle=LINESTYLES[k % len(LINESTYLES)], lw=1.2,
+                        markersize=6, label=legend, gid=f"{family}|{name}")
+                for x, y, sampler in points:
+                    ax.annotate(sampler, (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points",
+                                color=colours[f % len(colours)])
         points = [(r[cost], r[metric]) for r in rows]
         front = sorted(points[i] for i in pareto_front(points))
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="0.3", ls=(0, (1, 3)), lw=1.0, zorder=0,
+                label="Pareto front", gid="Pareto front")
         ax.set_xscale("log")
-        ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label + " (log scale)")
         ax.set_ylabel(metric.replace("_", "-") + " (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
+    return fig
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, metric: str = "toy_fd") -> Path:
+    """Two panels: `metric` against effective NFE and against seconds per video (log x), Pareto fronts drawn."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, metric)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
@@ -174,7 +217,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     reference = toy_reference(cfg) if cfg.get("toy_metrics", True) else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, kept = [], []  # kept: (row label, its first samples_per_row videos) for samples/grid.gif
+    media = media_options(cfg)
     for spec in OmegaConf.to_container(cfg.models, resolve=True):
         if not Path(spec["path"]).exists():
             if spec.get("required", False):
@@ -193,11 +237,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             row |= score_video_metrics(fvd, clip, videos, captions)
             rows.append(row)
             log.info("%s, %s: %s", spec["label"], row["sampler"], {k: row[k] for k in row if k in COLUMNS[5:]})
+            label = f"{spec['label']}, {row['sampler']}"
             if cfg.get("vbench_dir"):
-                write_vbench(Path(cfg.vbench_dir), f"{spec['label']} {row['sampler']}", pairs, videos)
+                write_vbench(Path(cfg.vbench_dir), f"{spec['label']} {row['sampler']}", pairs, videos,
+                             media["min_side"])
             if cfg.get("samples_per_row"):
-                write_vbench(out / "samples", f"{spec['label']} {row['sampler']}", pairs[: cfg.samples_per_row],
-                             videos[: cfg.samples_per_row])
+                n = cfg.samples_per_row
+                write_run_media(out / "samples" / folder_name(label), pairs[:n], [v.numpy() for v in videos[:n]],
+                                fps=FPS, **media)
+                kept.append((label, [v.numpy() for v in videos[:n]]))
     if not rows:
         raise RuntimeError("nothing to evaluate: no model in `models` exists")
     table = markdown(rows)
@@ -206,13 +254,18 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    if kept:  # the same prompts and seeds, one row per (model, sampler)
+        n = len(kept[0][1])
+        gif_grid(out / "samples" / "grid.gif", [v for _, vs in kept for v in vs], [k for k, _ in kept],
+                 [f"{p} (seed {s})" for p, s in pairs[:n]], fps=FPS, tile=media["tile"], header_lines=3)
     metric = "fvd" if all("fvd" in r for r in rows) else "toy_fd" if all("toy_fd" in r for r in rows) else None
     plot = pareto_plot(rows, out / "pareto.png", metric) if metric else None
     print(f"\n{table}\n\n{len(pairs)} videos per row ({len(prompts)} prompts x {len(cfg.seeds)} seeds; {device}, "
           f"{str(dtype).removeprefix('torch.')} weights)")
     print(f"table:  {out / 'results.md'}\ncsv:    {out / 'results.csv'}" + (f"\nplot:   {plot}" if plot else ""))
     if cfg.get("samples_per_row"):
-        print(f"videos: {out / 'samples'} ({cfg.samples_per_row} per row)")
+        print(f"videos: {out / 'samples'} ({cfg.samples_per_row} per row; all rows side by side: "
+              f"{out / 'samples' / 'grid.gif'})")
     print(f"tensorboard --logdir {cfg.paths.log_dir}   (losses, metric curves and sample videos of every stage)")
     return rows
 

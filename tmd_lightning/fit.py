@@ -5,6 +5,9 @@ Runs land in `logs/<task_name>/runs/<timestamp>/`; `logs/<task_name>/latest` poi
 a checkpoint (moved when its first checkpoint is on disk), which is how the next stage finds the previous stage's
 checkpoint, and `ckpt_path=logs/<task_name>/latest/checkpoints/last.ckpt` resumes, without an extra argument. A run
 that fails before its first checkpoint leaves `latest` where it was.
+
+TensorBoard gets the resolved config as hyperparameters (flattened, `trainer/max_steps`), with the final numbers of
+the sampling evaluations (`toy/acc_joint`, `toy/fd`, ...) as their metrics, so the HParams tab compares runs.
 """
 
 from __future__ import annotations
@@ -56,6 +59,57 @@ def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_di
     return bool(callbacks)
 
 
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as `group/key: value`, interpolations resolved where they can be (else kept as written: outside
+    Hydra `${hydra:...}` does not resolve), lists and None as text: what TensorBoard's HParams tab takes."""
+    out: dict[str, Any] = {}
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            name = f"{prefix}{key}"
+            try:
+                value = node[key]
+                if isinstance(value, DictConfig):
+                    walk(value, f"{name}/")
+                    continue
+                if OmegaConf.is_config(value):
+                    value = OmegaConf.to_container(value, resolve=True)
+            except Exception:  # an interpolation or a missing value that does not resolve here
+                value = node._get_node(key)._value()
+                if OmegaConf.is_config(value):
+                    value = OmegaConf.to_yaml(value).strip()
+            out[name] = value if isinstance(value, bool | int | float | str) else str(value)
+
+    walk(cfg, "")
+    return out
+
+
+def hparam_metrics(callbacks: list[Any]) -> list[str]:
+    """The scalar names the run's sampling evaluations log at the end of training: the HParams tab's metrics."""
+    return list(dict.fromkeys(m for cb in callbacks if hasattr(cb, "hparam_metrics") for m in cb.hparam_metrics()))
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, callbacks: list[Any]) -> dict[str, Any]:
+    """Writes the flattened config as hyperparameters to every TensorBoard logger, with `hparam_metrics` as the
+    session's metrics (no placeholder values: the evaluations log those scalars under the same names). Other loggers
+    get the hyperparameters only. Returns the flattened config."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams
+
+    params = flat_config(cfg)
+    metrics = hparam_metrics(callbacks)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.hparams.update(params)  # hparams.yaml beside the events
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, dict.fromkeys(metrics, 0.0)):
+                writer.add_summary(summary)
+            logger.experiment.flush()
+        else:
+            logger.log_hyperparams(params)
+    return params
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
     # resolved (through `latest`) and checked before anything is built, generated or linked
@@ -73,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+        log_hparams(trainer, cfg, callbacks)
     links = _link_latest_on_first_checkpoint(trainer, latest, output_dir)
     with safe_loading(trusted):  # a resume unpickles only tensors, plain containers and the allow-list
         trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -1,8 +1,11 @@
 """Entry point: `python -m tmd_lightning.sample [checkpoint=...] [prompts=...] [seeds=[...]] [sampler.steps=...]
 [dtype=auto|float32|bfloat16]`.
 
-Writes one MP4 per (prompt, seed) and a manifest of what it wrote (the same format the DataModule reads), prints
-the effective NFE and seconds per video, and, when the prompts are toy captions, the toy accuracy and toy-FD.
+Writes one MP4 per (prompt, seed) as `videos/<prompt slug>_seed<n>.mp4` (H.264 yuv420p, nearest-upscaled to
+`video.min_side` px on the short side so any player opens it), `videos/contact_sheet.png` (labelled frames, one row
+per video), `videos/grid.gif` (all videos, one row per prompt, one column per seed) and a manifest of what it wrote
+(the same format the DataModule reads); prints the effective NFE and seconds per video, and, when the prompts are toy
+captions, the toy accuracy and toy-FD.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.manifest import write_manifest
-from tmd_lightning.data.toy_world import FPS, parse_caption, write_mp4
+from tmd_lightning.data.toy_world import FPS, parse_caption
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts, toy_reference, toy_report
+from tmd_lightning.media import media_options, write_run_media
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
@@ -67,16 +71,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         videos.append(batch)
     seconds = (time.perf_counter() - start) / len(pairs)
     videos = torch.cat(videos)
-    for k, ((prompt, seed), video) in enumerate(zip(pairs, videos, strict=True)):
-        rel = f"videos/{k:05d}_seed{seed}.mp4"
-        write_mp4(out_dir / rel, video.numpy(), fps=FPS)
-        rows.append({"path": rel, "caption": prompt, "num_frames": cfg.num_frames, "height": cfg.height,
-                     "width": cfg.width, "fps": FPS, "seed": seed})
+    media = write_run_media(out_dir / "videos", pairs, [v.numpy() for v in videos], fps=FPS, **media_options(cfg))
+    h, w = media["size"]
+    for (prompt, seed), name in zip(pairs, media["videos"], strict=True):
+        rows.append({"path": f"videos/{name}", "caption": prompt, "num_frames": cfg.num_frames, "height": h,
+                     "width": w, "fps": FPS, "seed": seed})
     manifest = write_manifest(out_dir / "manifest.csv", rows)
     summary: dict[str, Any] = {
         "source": str(cfg.get("checkpoint") or cfg.model.pretrained), "videos": len(pairs),
         "sampler": sampler, "effective_nfe": stage.sampler_nfe(**sampler), "seconds_per_video": seconds,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "manifest": str(manifest),
+        "contact_sheet": str(media["contact_sheet"]), "grid": str(media["grid"]),
     }
     try:
         for p in prompts:
@@ -85,7 +90,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except ValueError:
         pass  # not toy prompts: no analytic metrics
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {len(pairs)} videos and {manifest}")
+    print(f"\nwrote {len(pairs)} videos and {manifest}\ncontact sheet: {media['contact_sheet']}\n"
+          f"grid:          {media['grid']}")
     print(f"effective NFE: {summary['effective_nfe']:g}   seconds per video: {seconds:.4f} ({device}, "
           f"{summary['dtype']} weights)")
     if "toy" in summary:

@@ -43,7 +43,8 @@ class SamplingEvalCallback(L.Callback):
         every_n_steps: evaluation period in optimizer steps (0 disables periodic evaluation).
         seeds: one video per (prompt, seed); two or more seeds give the seed-diversity diagnostic.
         sampler: keyword arguments for the stage's sampler (e.g. steps, cfg; M, N).
-        num_videos_logged: how many samples go to TensorBoard as a video summary.
+        num_videos_logged: how many samples go to TensorBoard as a video summary (one padded grid, 4 per row,
+            with a `<prefix>/samples/legend` text summary naming each one's prompt and seed).
         prefix: the logging namespace (`toy/`, `eval/`).
     """
 
@@ -60,6 +61,8 @@ class SamplingEvalCallback(L.Callback):
         self._last_step = -1
 
     # -- what subclasses provide ---------------------------------------------------------------------------------------
+    metric_keys: tuple[str, ...] = ()  # what `score` returns (without the prefix), for `hparam_metrics`
+
     def prompts(self, trainer: L.Trainer) -> list[str]:
         raise NotImplementedError
 
@@ -77,6 +80,13 @@ class SamplingEvalCallback(L.Callback):
         if not items:
             return None
         return torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
+
+    def hparam_metrics(self) -> list[str]:
+        """The scalar names this callback logs at the end of training: TensorBoard's HParams tab compares runs by
+        them (`fit` lists them with the config's hyperparameters)."""
+        own = [f"{self.prefix}/{k}" for k in (*self.metric_keys, "seconds_per_video", "effective_nfe")]
+        diversity = ["diagnostics/diversity"] if len(self.seeds) > 1 else []
+        return [*own, "diagnostics/motion", "diagnostics/saturation", *diversity]
 
     # -- the shared loop -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,8 +117,9 @@ class SamplingEvalCallback(L.Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        log_videos(trainer, f"{self.prefix}/samples", videos[:: max(1, len(videos) // self.num_videos_logged)]
-                   [: self.num_videos_logged], step)
+        shown = list(range(len(videos)))[:: max(1, len(videos) // self.num_videos_logged)][: self.num_videos_logged]
+        log_videos(trainer, f"{self.prefix}/samples", videos[shown], step,
+                   labels=[f"{captions[i]} (seed {seeds[i]})" for i in shown])
         if getattr(trainer, "is_global_zero", True):  # every rank samples (FSDP2 needs all of them); one writes
             self._append_csv(trainer, step, metrics)
         log.info("%s eval at step %d: %s", self.prefix, step, {k: round(v, 4) for k, v in metrics.items()})

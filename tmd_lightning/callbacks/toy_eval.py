@@ -20,6 +20,7 @@ class ToyEvalCallback(SamplingEvalCallback):
     """Toy accuracy (`toy/acc_*`), toy-FD (`toy/fd`) and diagnostics every `every_n_steps` optimizer steps."""
 
     prefix = "toy"
+    metric_keys = ("acc_joint", "acc_colour", "acc_shape", "acc_direction", "acc_axis", "acc_sign", "fd")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -40,6 +40,10 @@ class VideoEvalCallback(SamplingEvalCallback):
 
             self.clip = VideoCLIPScore(clip_model)
 
+    @property
+    def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (*(("fvd",) if self.fvd is not None else ()), *(("clip_score",) if self.clip is not None else ()))
+
     def prompts(self, trainer: L.Trainer) -> list[str]:
         if self.prompt_file:
             path = Path(self.prompt_file)

@@ -1,23 +1,60 @@
-"""Sample videos as real TensorBoard video summaries.
+"""Sample videos as real TensorBoard video summaries: one padded grid per evaluation, with a legend.
 
 TensorBoard's `add_video` needs moviepy < 2 and otherwise logs nothing without raising; this checks the import
-itself and says so instead of failing silently.
+itself and says so instead of failing silently. The videos are tiled here (not by `add_video`, which butts them
+together): nearest-upscaled to `min_side` px (the toy's 16 px clips are hard to see), a `pad` px light border around
+and between them, `columns` per row; a text summary `<tag>/legend` says which prompt and seed each row and column
+shows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 
 import lightning as L
 import torch
 
 log = logging.getLogger(__name__)
 
+BORDER = 224  # light grey between the (mostly dark) toy videos
 
-def log_videos(trainer: L.Trainer, tag: str, videos: torch.Tensor, step: int, fps: int = 8) -> bool:
-    """Writes (N, F, H, W, 3) uint8 videos to every TensorBoard logger; returns whether any was written."""
+
+def video_grid(videos: torch.Tensor, columns: int = 4, pad: int = 2, min_side: int = 64) -> torch.Tensor:
+    """(N, F, H, W, 3) uint8 videos as one (F, H', W', 3) grid: `columns` per row, nearest-upscaled by a whole factor
+    to at least `min_side` px, `pad` px of border around every video."""
+    n, f, h, w, c = videos.shape
+    factor = max(1, math.ceil(min_side / max(1, min(h, w))))
+    if factor > 1:
+        videos = videos.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    h, w = h * factor, w * factor
+    cols = max(1, min(columns, n))
+    rows = math.ceil(n / cols)
+    grid = torch.full((f, pad + rows * (h + pad), pad + cols * (w + pad), c), BORDER, dtype=videos.dtype)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, y : y + h, x : x + w] = videos[i]
+    return grid
+
+
+def legend(labels: Sequence[str], columns: int) -> str:
+    """A Markdown table: row, column and label (prompt, seed) of every video in the grid."""
+    cols = max(1, min(columns, len(labels)))
+    lines = ["| row | column | video |", "|---:|---:|---|"]
+    lines += [f"| {i // cols + 1} | {i % cols + 1} | {label.replace('|', '/')} |" for i, label in enumerate(labels)]
+    return "\n".join(lines)
+
+
+def log_videos(trainer: L.Trainer, tag: str, videos: torch.Tensor, step: int, fps: int = 8,
+               labels: Sequence[str] | None = None, columns: int = 4, pad: int = 2, min_side: int = 64) -> bool:
+    """Writes (N, F, H, W, 3) uint8 videos as one padded grid (see `video_grid`) to every TensorBoard logger, and
+    `labels` (one per video) as the text summary `<tag>/legend`; returns whether any was written."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    if labels is not None and len(labels) != len(videos):
+        raise ValueError(f"log_videos: {len(labels)} labels for {len(videos)} videos")
     written = False
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -25,7 +62,11 @@ def log_videos(trainer: L.Trainer, tag: str, videos: torch.Tensor, step: int, fp
                 import moviepy.editor  # noqa: F401  (add_video's encoder; moviepy >= 2 removed this module)
             except ImportError as exc:
                 raise RuntimeError("TensorBoard video summaries need moviepy<2 (pip install 'moviepy<2')") from exc
-            logger.experiment.add_video(tag, videos.permute(0, 1, 4, 2, 3).contiguous(), global_step=step, fps=fps)
+            grid = video_grid(videos, columns, pad, min_side)
+            logger.experiment.add_video(tag, grid.permute(0, 3, 1, 2).unsqueeze(0).contiguous(), global_step=step,
+                                        fps=fps)
+            if labels is not None:
+                logger.experiment.add_text(f"{tag}/legend", legend(labels, columns), global_step=step)
             logger.experiment.flush()
             written = True
     return written
