@@ -39,6 +39,7 @@ from tmd_lightning.evaluation import (
 )
 from tmd_lightning.media import gif_grid, media_options, write_run_media, write_viewable_mp4
 from tmd_lightning.models.precision import resolve_dtype
+from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     rows, kept = [], []  # kept: (row label, its first samples_per_row videos) for samples/grid.gif
     media = media_options(cfg)
-    for spec in OmegaConf.to_container(cfg.models, resolve=True):
+    specs = OmegaConf.to_container(cfg.models, resolve=True)
+    total, done = sum(len(s["samplers"]) for s in specs), 0
+    for spec in specs:
         if not Path(spec["path"]).exists():
             if spec.get("required", False):
                 raise FileNotFoundError(f"{spec['label']}: {spec['path']} does not exist")
@@ -236,7 +239,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                 row |= {k: v for k, v in toy_report(videos, captions, reference).items() if k in COLUMNS}
             row |= score_video_metrics(fvd, clip, videos, captions)
             rows.append(row)
-            log.info("%s, %s: %s", spec["label"], row["sampler"], {k: row[k] for k in row if k in COLUMNS[5:]})
+            done += 1
+            log.info("[%d/%d] %s, %s: %s", done, total, spec["label"], row["sampler"],
+                     {k: row[k] for k in row if k in COLUMNS[5:]})
             label = f"{spec['label']}, {row['sampler']}"
             if cfg.get("vbench_dir"):
                 write_vbench(Path(cfg.vbench_dir), f"{spec['label']} {row['sampler']}", pairs, videos,
@@ -272,6 +277,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     run(cfg)
 
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="fit")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     try:
         run(cfg)
     except SIGTERMException:  # pre-empted: `last.ckpt` is saved; a non-zero status tells the scheduler so

@@ -47,6 +47,7 @@ from tmd_lightning.models import load_transformer
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings, zero_pad_text
 from tmd_lightning.models.wan_parts import forward_skipping_blocks
+from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.sampling import VelocityFn, cfg_velocity, teacher_sample
 from tmd_lightning.stages.teacher import TeacherStage
 
@@ -311,6 +312,7 @@ def _report(out: Path, index: dict[str, Any] | None, written: list[Path], rank: 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="kd_pairs")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     run(cfg)
 
 

@@ -37,6 +37,7 @@ from tmd_lightning.data.cache import (
 from tmd_lightning.data.dataset import SkipCounter, VideoTextDataset, collate_videos
 from tmd_lightning.evaluation import resolve_device, resolve_prompts
 from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
+from tmd_lightning.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -192,6 +193,7 @@ def _report(out: Path, index: dict[str, Any], cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="precompute")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     run(cfg)
 
 

@@ -20,6 +20,7 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.study.report import write_report
 from tmd_lightning.study.runs import FULL, QUICK, prepare_toy_data, run_dir, study_runs, train
 from tmd_lightning.study.scores import load_scores, score
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_third_party()
     args = parse_args(argv)
     budget = QUICK if args.quick else FULL
     out = args.out or Path("results/toy_quick" if args.quick else "results/toy")

@@ -27,6 +27,8 @@ from tmd_lightning.data.toy_world import FPS, parse_caption
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts, toy_reference, toy_report
 from tmd_lightning.media import media_options, write_run_media
 from tmd_lightning.models.precision import resolve_dtype
+from tmd_lightning.progress import progress
+from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 
@@ -64,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     videos, rows = [], []
     start = time.perf_counter()
-    for i in range(0, len(pairs), cfg.batch_size):
+    for i in progress(range(0, len(pairs), cfg.batch_size), f"sampling {len(pairs)} videos"):
         chunk = pairs[i : i + cfg.batch_size]
         batch = stage.generate([p for p, _ in chunk], [s for _, s in chunk], cfg.num_frames, cfg.height, cfg.width,
                                **sampler).cpu()
@@ -104,6 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     run(cfg)
 
 

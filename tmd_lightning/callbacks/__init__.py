@@ -1,6 +1,7 @@
 """Callbacks: checkpoints, the NaN guard, EMA of the trained network, export, sampling evaluation, video logging."""
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
+from tmd_lightning.callbacks.console import ParameterSummary, StepProgressBar
 from tmd_lightning.callbacks.data_health import SkippedSamplesLogger
 from tmd_lightning.callbacks.ema import EMA, find_ema
 from tmd_lightning.callbacks.export import ExportPretrained
@@ -10,5 +11,6 @@ from tmd_lightning.callbacks.toy_eval import ToyEvalCallback
 from tmd_lightning.callbacks.video_eval import VideoEvalCallback
 from tmd_lightning.callbacks.videos import log_videos
 
-__all__ = ["EMA", "ExportPretrained", "FinalStateCheckpoint", "FiniteGuard", "SamplingEvalCallback",
-           "SkippedSamplesLogger", "ToyEvalCallback", "VideoEvalCallback", "find_ema", "log_videos"]
+__all__ = ["EMA", "ExportPretrained", "FinalStateCheckpoint", "FiniteGuard", "ParameterSummary",
+           "SamplingEvalCallback", "SkippedSamplesLogger", "StepProgressBar", "ToyEvalCallback",
+           "VideoEvalCallback", "find_ema", "log_videos"]

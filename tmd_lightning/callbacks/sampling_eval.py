@@ -108,6 +108,8 @@ class SamplingEvalCallback(L.Callback):
         prompts = self.prompts(trainer)
         captions = [c for c in prompts for _ in self.seeds]
         seeds = [s for _ in prompts for s in self.seeds]
+        log.info("%s eval at step %d: sampling %d videos (%d prompts x %d seeds)", self.prefix, trainer.global_step,
+                 len(captions), len(prompts), len(self.seeds))
         videos, seconds = self.generate(trainer, pl_module, captions, seeds)
         metrics = {f"{self.prefix}/{k}": v for k, v in self.score(trainer, videos, captions).items()}
         metrics |= {f"diagnostics/{k}": v for k, v in diagnostics(videos, captions).items()}

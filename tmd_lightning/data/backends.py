@@ -96,11 +96,15 @@ class DecordBackend:
         return _check_clip(frames, num_frames, size, path)
 
 
+_LOGGED_SIZES: set[tuple[int, int]] = set()  # frame sizes whose decord failure this process has logged
+
+
 class AutoBackend:
     """decord first; PyAV when decord raises or returns a wrong shape.
 
     Frame sizes at which decord failed once are remembered and go straight to PyAV (decord's failures are a
-    function of the frame size, and each failed attempt costs a full decode).
+    function of the frame size, and each failed attempt costs a full decode). The first failure per size in a
+    process is logged at DEBUG: decord 0.6 fails on several small sizes, the toy's 16 px among them; not news.
     """
 
     name = "auto"
@@ -124,7 +128,9 @@ class AutoBackend:
                 except VideoDecodeError:
                     raise exc from None
                 self.decord_bad_sizes.add((height, width))
-                log.info("decord failed on %s (%s); PyAV decodes %dx%d videos from now on", path, exc, height, width)
+                if (height, width) not in _LOGGED_SIZES:
+                    _LOGGED_SIZES.add((height, width))
+                    log.debug("decord failed on %s (%s); PyAV decodes %dx%d videos", path, exc, height, width)
                 return frames
         return self.pyav.read(path, num_frames, start)
 

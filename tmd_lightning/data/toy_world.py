@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmd_lightning.progress import progress
+
 BACKGROUND = (16, 16, 16)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -149,7 +151,8 @@ def generate_toy_dataset(
         return manifest
     rng = np.random.default_rng(seed)
     rows = []
-    for i, caption in enumerate(all_captions()):
+    captions = all_captions()
+    for i, caption in progress(enumerate(captions), f"writing the toy world ({split})", total=len(captions)):
         attrs = parse_caption(caption)
         for k in range(videos_per_caption):
             spec = random_spec(rng, **attrs)

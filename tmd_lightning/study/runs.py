@@ -123,6 +123,7 @@ def train(runs: list[Run], out: Path, jobs: int = 1) -> None:
     machine gives more throughput than one multi-threaded run at a time.
     """
     pending = [r for r in runs if not is_done(out, r.name)]
+    total, started = len(pending), 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
     active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     while pending or active:
@@ -133,7 +134,8 @@ def train(runs: list[Run], out: Path, jobs: int = 1) -> None:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                    "PYTHONUNBUFFERED": "1"}
             logfile = open(folder / "fit.log", "a")  # noqa: SIM115 - closed when the process ends
-            print(f"[{time.strftime('%H:%M:%S')}] start {run.name}", flush=True)
+            started += 1
+            print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({started}/{total})", flush=True)
             active[run.name] = (subprocess.Popen(fit_command(run, out), stdout=logfile, stderr=subprocess.STDOUT,
                                                  env=env), time.perf_counter(), logfile)
         if not active:

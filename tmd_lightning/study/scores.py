@@ -95,7 +95,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
     teacher = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
     todo = [("teacher", "teacher", 0, None, teacher)] + [
         (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs if is_done(out, r.name)]
-    for name, family, seed, path, samplers in todo:
+    for k, (name, family, seed, path, samplers) in enumerate(todo, 1):
         cache = scores / f"{name}.json"
         if cache.is_file():
             found = json.loads(cache.read_text())
@@ -103,7 +103,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
             if cfg is None:
                 cfg = evaluation_config(out)
                 reference = Reference.load(cfg)
-            print(f"[{time.strftime('%H:%M:%S')}] score {name}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] score {name} ({k}/{len(todo)})", flush=True)
             found = score_model(path if path is not None else Path(cfg.model.pretrained), samplers, budget, cfg,
                                 reference)
             cache.write_text(json.dumps(found, indent=1))
