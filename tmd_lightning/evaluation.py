@@ -15,7 +15,7 @@ from tmd_lightning.data.backends import get_backend
 from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import all_captions, generate_toy_dataset
 from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.metrics.toy import ToyAccuracy, direction_confusion, toy_features
 from tmd_lightning.models.precision import cast_model, resolve_dtype
 from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
@@ -50,11 +50,13 @@ def toy_reference(cfg: DictConfig) -> Path | None:
                                 split="reference")
 
 
-def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, float]:
-    """Per-attribute and joint toy accuracy, and toy-FD against the real videos of `real_manifest`."""
+def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, Any]:
+    """Per-attribute and joint toy accuracy, the direction probe (`metrics.toy.direction_confusion`), and toy-FD
+    against the real videos of `real_manifest`."""
     acc = ToyAccuracy()
     acc.update(videos, captions)
-    report = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
+    report: dict[str, Any] = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
+    report["direction_probe"] = direction_confusion(videos, captions)
     if real_manifest is not None:
         backend = get_backend("auto")
         entries = read_manifest(real_manifest)

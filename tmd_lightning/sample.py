@@ -101,6 +101,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         line = "  ".join(f"{k}: {v:.3f}" for k, v in t.items() if k.startswith("acc_"))
         fd = f"  toy-FD: {t['toy_fd']:.4f} (vs {t['toy_fd_real_count']} real)" if "toy_fd" in t else ""
         print(f"toy accuracy ({len(pairs)} videos): {line}{fd}")
+        probe = t["direction_probe"]
+        print("direction probe (prompted -> detected): " + "; ".join(
+            f"{word}: " + " ".join(f"{k} {n}" for k, n in row.items() if n) for word, row in probe.items()))
     return summary
 
 

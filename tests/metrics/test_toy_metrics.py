@@ -10,7 +10,7 @@ from tmd_lightning.data.backends import PyAVBackend
 from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import BACKGROUND, COLOURS, all_captions, generate_toy_dataset, parse_caption
 from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ATTRIBUTES, ToyAccuracy, classify, toy_features
+from tmd_lightning.metrics.toy import ATTRIBUTES, ToyAccuracy, classify, direction_confusion, toy_features
 
 
 def _load(manifest) -> tuple[torch.Tensor, list[str]]:
@@ -221,3 +221,16 @@ def test_axis_and_sign_separate_a_random_sign_from_a_wrong_axis(real):
     metric.update(half, captions[::2] + captions[1::2])
     scores = metric.compute()
     assert float(scores["axis"]) >= 0.98 and abs(float(scores["sign"]) - 0.5) <= 0.02
+
+
+def test_direction_probe_is_diagonal_on_real_videos_and_mirrored_on_time_reversed_ones(real):
+    videos, captions = real[16]
+    probe = direction_confusion(videos, captions)
+    per_word = len(captions) // 4
+    assert set(probe) == {"left", "right", "up", "down"}
+    for word, row in probe.items():
+        assert sum(row.values()) == per_word and row[word] >= per_word - 1  # (>= 0.98 accuracy over 48)
+    reversed_probe = direction_confusion(videos.flip(1), captions)  # played backwards: every sign swaps
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for word, row in reversed_probe.items():
+        assert row[opposite[word]] >= per_word - 1

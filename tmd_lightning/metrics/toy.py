@@ -79,6 +79,19 @@ def classify(videos: torch.Tensor) -> list[dict[str, str | None]]:
     return results
 
 
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def direction_confusion(videos: torch.Tensor, captions: list[str]) -> dict[str, dict[str, int]]:
+    """The direction probe: for each direction word in the captions, how many videos move which way ("none": no
+    foreground). A model that binds the word shows a diagonal; one that knows only the axis splits each row
+    between the two directions of that axis alike (the same split for "left" and "right")."""
+    table = {word: dict.fromkeys((*DIRECTIONS, "none"), 0) for word in DIRECTIONS}
+    for pred, caption in zip(classify(videos), captions, strict=True):
+        table[parse_caption(caption)["direction"]][pred["direction"] or "none"] += 1
+    return {word: row for word, row in table.items() if sum(row.values())}
+
+
 def toy_features(videos: torch.Tensor) -> torch.Tensor:
     """(B, F, H, W, 3) uint8 -> (B, D) float64 per-video features for toy-FD.
 
