@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.guards import apply_accumulation, check_config
 from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
@@ -49,6 +50,19 @@ def _partial_targets(node: Any) -> list[Any]:
     if isinstance(node, list):
         return [t for v in node for t in _partial_targets(v)]
     return []
+
+
+def without_lr_monitor(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """The callbacks, less `LearningRateMonitor` when the run has no logger (`logger=none`), which it would refuse at
+    the start of training."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    dropped = [cb for cb in callbacks if isinstance(cb, LearningRateMonitor)]
+    if dropped:
+        log.info("no logger (logger=none): LearningRateMonitor left out, it has nowhere to log")
+    return [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
 
 
 def _link_latest_on_first_checkpoint(trainer: L.Trainer, latest: Path, output_dir: Path) -> bool:
@@ -113,6 +127,8 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, callbacks: list[Any]) -> di
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
+    check_config(cfg)  # one-line errors for what the config shows to be wrong, before any weight is loaded
+    apply_accumulation(cfg)  # stage.global_batch -> trainer.accumulate_grad_batches (Lightning-optimised stages)
     # resolved (through `latest`) and checked before anything is built, generated or linked
     trusted = _partial_targets(OmegaConf.to_container(cfg.stage, resolve=True))
     ckpt_path = str(check_checkpoint(cfg.ckpt_path, "ckpt_path", trusted)) if cfg.get("ckpt_path") else None
@@ -120,8 +136,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     stage = instantiate(cfg.stage)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = without_lr_monitor(_instantiate_all(cfg.get("callbacks")), loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     output_dir = Path(cfg.paths.output_dir)
     latest = Path(cfg.paths.log_dir) / cfg.task_name / "latest"

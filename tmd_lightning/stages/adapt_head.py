@@ -37,6 +37,8 @@ class AdaptHeadStage(StudentStage):
         loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
         plain_tm: ablation, always r = s (transition matching without the flow map).
         activation_checkpointing: one activation checkpoint per Wan block of the student (memory for compute).
+        global_batch: videos per optimizer step over all GPUs (recorded only: `tmd_lightning.fit` turns it into
+            Lightning's `accumulate_grad_batches`).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class AdaptHeadStage(StudentStage):
         loss_c: float = 1.0,
         plain_tm: bool = False,
         activation_checkpointing: bool = False,
+        global_batch: int | None = None,
     ) -> None:
         super().__init__(student, codec, text_encoder, negative_prompt, M, N, grid_gamma, t_max)
         self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)

@@ -71,6 +71,8 @@ class DistillStage(VideoStage):
             during its calls: teacher and discriminator features see the plain teacher); with `student` the student's
             Wan blocks train as an adapter on its own frozen base, exported merged.
         activation_checkpointing: one activation checkpoint per Wan block (student, fake score, teacher features).
+        global_batch: videos per iteration over all GPUs (None: GPUs x micro batch).
+            accumulation: see DistillStage
     """
 
     network_attr = "student"
@@ -83,7 +85,7 @@ class DistillStage(VideoStage):
                  gan_weight: float = 0.03, use_gan: bool = True, student_every: int = 5,
                  vsd_reduction: str = "mean", grad_clip: float | None = None, teacher_dtype: str = "bfloat16",
                  max_iterations: int | None = None, lora: dict[str, Any] | None = None,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, global_batch: int | None = None) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["student", "teacher", "codec", "text_encoder", "discriminator"],
                                   logger=False)

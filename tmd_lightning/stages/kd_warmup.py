@@ -45,6 +45,8 @@ class KDWarmupStage(VideoStage):
         t_max: the student's input time (the one-step grid's top, 0.999).
         grid_gamma: the grid shift when the exported student is sampled with M > 1 (M = 1 does not use it).
         activation_checkpointing: one activation checkpoint per Wan block (memory for compute).
+        global_batch: videos per optimizer step over all GPUs (recorded only: `tmd_lightning.fit` turns it into
+            Lightning's `accumulate_grad_batches`).
     """
 
     network_attr = "student"
@@ -52,7 +54,8 @@ class KDWarmupStage(VideoStage):
 
     def __init__(self, student: nn.Module, codec: nn.Module, text_encoder: nn.Module, optimizer: partial | None,
                  scheduler: partial | None = None, negative_prompt: str = "", t_max: float = 0.999,
-                 grid_gamma: float = 10.0, activation_checkpointing: bool = False) -> None:
+                 grid_gamma: float = 10.0, activation_checkpointing: bool = False,
+                 global_batch: int | None = None) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
         if not 0.0 < t_max <= 1.0:
             raise ValueError(f"t_max must be in (0, 1], got {t_max}")
