@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.toy_world import FPS
 from tmd_lightning.evaluation import (
+    allow_tf32,
     generate,
     load_model,
     prepare_stage,
@@ -215,6 +216,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     fvd, clip = video_metrics(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    allow_tf32(device, cfg.get("tf32", True))
     reference = toy_reference(cfg) if cfg.get("toy_metrics", True) else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

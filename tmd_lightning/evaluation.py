@@ -93,12 +93,24 @@ def prepare_stage(stage: VideoStage, device: torch.device, dtype: str | torch.dt
     return stage.to(device).eval()
 
 
+def allow_tf32(device: torch.device, enabled: bool = True) -> bool:
+    """TF32 matmuls and convolutions for sampling on a GPU (`tf32: true` in sample / evaluate); returns whether it
+    was switched on. Weights sample in bf16 there by default (`dtype: auto`); the CPU is left as it is."""
+    if not enabled or device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,
              **sampler: Any) -> tuple[torch.Tensor, float]:
-    """uint8 videos for every (prompt, seed) and the wall-clock seconds per video."""
+    """uint8 videos for every (prompt, seed) and the wall-clock seconds per video (under `torch.inference_mode`:
+    the entry points sample outside any training)."""
     start = time.perf_counter()
-    videos = [stage.generate([p for p, _ in pairs[i : i + batch_size]], [s for _, s in pairs[i : i + batch_size]],
-                             *shape, **sampler).cpu() for i in range(0, len(pairs), batch_size)]
+    with torch.inference_mode():
+        videos = [stage.generate([p for p, _ in pairs[i : i + batch_size]], [s for _, s in pairs[i : i + batch_size]],
+                                 *shape, **sampler).cpu() for i in range(0, len(pairs), batch_size)]
     return torch.cat(videos), (time.perf_counter() - start) / len(pairs)
 
 

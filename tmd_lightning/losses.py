@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, or in its own dtype when wider (a float64 run stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def flow_matching_loss(v_pred: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Rectified-flow loss: mean over elements of `(v_pred - (noise - x))^2`."""
-    return (v_pred.float() - (noise - x).float()).pow(2).mean()
+    return (_wide(v_pred) - _wide(noise - x)).pow(2).mean()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -60,17 +65,18 @@ def meanflow_target(v_tilde: torch.Tensor, du_ds: torch.Tensor | None, s: torch.
 
 def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`mean(e / sg(e + c))` with `e = ‖pred - target‖²` per sample (sum over elements); returns (loss, e)."""
-    e = (pred.float() - target.float()).pow(2).flatten(1).sum(1)
+    e = (_wide(pred) - _wide(target)).pow(2).flatten(1).sum(1)
     return (e / (e.detach() + c)).mean(), e.detach()
 
 
 def vsd_gradient(x_hat: torch.Tensor, g_fake: torch.Tensor, g_real: torch.Tensor,
                  eps: float = 1e-6) -> torch.Tensor:
-    """DMD's normalised score difference `(g_fake - g_real) / mean|x̂ - g_real|` per sample, in float32.
+    """DMD's normalised score difference `(g_fake - g_real) / mean|x̂ - g_real|` per sample, in float32
+    (or the inputs' wider dtype).
 
     Non-finite values are an error, never silently zeroed.
     """
-    x_hat, g_fake, g_real = x_hat.float(), g_fake.float(), g_real.float()
+    x_hat, g_fake, g_real = _wide(x_hat), _wide(g_fake), _wide(g_real)
     weight = (x_hat - g_real).abs().flatten(1).mean(1).clamp_min(eps).view(-1, *([1] * (x_hat.dim() - 1)))
     grad = (g_fake - g_real) / weight
     if not torch.isfinite(grad).all():
@@ -86,7 +92,7 @@ def vsd_loss(x_hat: torch.Tensor, grad: torch.Tensor, reduction: str = "mean") -
     sample's elements and averages over the batch: the x̂-gradient is `grad / batch`, d times larger (d = elements per
     sample), so the same balance needs λ·d.
     """
-    diff = 0.5 * (x_hat.float() - (x_hat.float() - grad).detach()).pow(2)
+    diff = 0.5 * (_wide(x_hat) - (_wide(x_hat) - grad).detach()).pow(2)
     if reduction == "mean":
         return diff.mean()
     if reduction == "sum":
@@ -96,11 +102,11 @@ def vsd_loss(x_hat: torch.Tensor, grad: torch.Tensor, reduction: str = "mean") -
 
 def gan_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
     """Non-saturating generator loss `softplus(-D(fake))`, averaged over patches and heads."""
-    return torch.stack([torch.nn.functional.softplus(-lg.float()).mean() for lg in fake_logits]).mean()
+    return torch.stack([torch.nn.functional.softplus(-_wide(lg)).mean() for lg in fake_logits]).mean()
 
 
 def gan_discriminator_loss(fake_logits: list[torch.Tensor], real_logits: list[torch.Tensor]) -> torch.Tensor:
     """`softplus(D(fake)) + softplus(-D(real))`, averaged over patches and heads."""
     sp = torch.nn.functional.softplus
-    return torch.stack([sp(f.float()).mean() + sp(-r.float()).mean()
+    return torch.stack([sp(_wide(f)).mean() + sp(-_wide(r)).mean()
                         for f, r in zip(fake_logits, real_logits, strict=True)]).mean()

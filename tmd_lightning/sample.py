@@ -1,5 +1,5 @@
 """Entry point: `python -m tmd_lightning.sample [checkpoint=...] [prompts=...] [seeds=[...]] [sampler.steps=...]
-[dtype=auto|float32|bfloat16]`.
+[dtype=auto|float32|bfloat16] [tf32=true|false]`.
 
 Writes one MP4 per (prompt, seed) as `videos/<prompt slug>_seed<n>.mp4` (H.264 yuv420p, nearest-upscaled to
 `video.min_side` px on the short side so any player opens it), `videos/contact_sheet.png` (labelled frames, one row
@@ -24,7 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption
-from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts, toy_reference, toy_report
+from tmd_lightning.evaluation import (
+    allow_tf32,
+    prepare_stage,
+    resolve_device,
+    resolve_prompts,
+    toy_reference,
+    toy_report,
+)
 from tmd_lightning.media import media_options, write_run_media
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.progress import progress
@@ -57,6 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Samples every (prompt, seed), writes the MP4s and a manifest; returns the summary it prints."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    allow_tf32(device, cfg.get("tf32", True))
     prompts = resolve_prompts(cfg.prompts)  # checked before any model loads
     if not cfg.seeds:
         raise ValueError("seeds=[]: nothing to sample; give at least one seed, e.g. seeds=[0,1,2,3]")
@@ -66,11 +74,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     videos, rows = [], []
     start = time.perf_counter()
-    for i in progress(range(0, len(pairs), cfg.batch_size), f"sampling {len(pairs)} videos"):
-        chunk = pairs[i : i + cfg.batch_size]
-        batch = stage.generate([p for p, _ in chunk], [s for _, s in chunk], cfg.num_frames, cfg.height, cfg.width,
-                               **sampler).cpu()
-        videos.append(batch)
+    with torch.inference_mode():  # no autograd anywhere below: no version counters, no saved tensors
+        for i in progress(range(0, len(pairs), cfg.batch_size), f"sampling {len(pairs)} videos"):
+            chunk = pairs[i : i + cfg.batch_size]
+            batch = stage.generate([p for p, _ in chunk], [s for _, s in chunk], cfg.num_frames, cfg.height,
+                                   cfg.width, **sampler).cpu()
+            videos.append(batch)
     seconds = (time.perf_counter() - start) / len(pairs)
     videos = torch.cat(videos)
     media = write_run_media(out_dir / "videos", pairs, [v.numpy() for v in videos], fps=FPS, **media_options(cfg))

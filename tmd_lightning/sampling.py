@@ -2,11 +2,15 @@
 
 Convention: rectified flow with t = 1 as noise, `x_t = (1 - t) x + t eps`, velocity `v = eps - x`; Wan is called
 with timestep `1000 t`.
+
+The sampling loops make no host-device synchronisation of their own: grids are built on the host and read as Python
+floats once per call (`_times`), per-step times reach the device as `torch.full` fills, and the inner grid of the TMD
+sampler is moved to the device once per call. (diffusers' UniPC scheduler looks its step index up itself.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,6 +35,11 @@ def time_grid(steps: int, gamma: float = 1.0, t_max: float = 1.0) -> torch.Tenso
     return grid
 
 
+def _times(grid: torch.Tensor | Sequence[float]) -> list[float]:
+    """A grid as Python floats, read once per sampling call (one copy for a device tensor; none for a host one)."""
+    return grid.tolist() if isinstance(grid, torch.Tensor) else [float(t) for t in grid]
+
+
 def effective_nfe(M: int, N: int = 1, H: int = 0, L: int = 1, cfg: bool = False) -> float:
     """DiT blocks executed per video / L: `M (1 + (N - 1) H / L)`; doubled for classifier-free guidance."""
     nfe = M * (1 + (N - 1) * H / L)
@@ -52,7 +61,7 @@ def cfg_velocity(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
 
 
 @torch.no_grad()
-def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
+def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor | Sequence[float],
                  trajectory: list | None = None) -> torch.Tensor:
     """Euler integration of dx/dt = v from t = grid[-1] down to grid[0] = 0.
 
@@ -60,9 +69,9 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
     time the step starts from (the velocity's input), so the intermediate states can be inspected (notebooks)
     without changing the sample.
     """
-    x = noise
-    for i in range(len(grid) - 1, 0, -1):
-        t, t_prev = float(grid[i]), float(grid[i - 1])
+    x, times = noise, _times(grid)
+    for i in range(len(times) - 1, 0, -1):
+        t, t_prev = times[i], times[i - 1]
         v = velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32))
         x = x - (t - t_prev) * v.to(x.dtype)
         if trajectory is not None:
@@ -79,8 +88,8 @@ def unipc_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int, gamma: f
                                         flow_shift=gamma, num_train_timesteps=1000)
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise
-    for timestep in scheduler.timesteps:
-        t = torch.full((x.shape[0],), float(timestep) / 1000.0, device=x.device, dtype=torch.float32)
+    for timestep, value in zip(scheduler.timesteps, scheduler.timesteps.tolist(), strict=True):
+        t = torch.full((x.shape[0],), value / 1000.0, device=x.device, dtype=torch.float32)
         x = scheduler.step(velocity(x, t), timestep, x, return_dict=False)[0]
     return x
 
@@ -89,7 +98,7 @@ def teacher_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 50, g
                    solver: str = "euler") -> torch.Tensor:
     """The teacher's sampler: `steps` solver steps on a shifted grid from t = 1 to 0."""
     if solver == "euler":
-        return euler_sample(velocity, noise, time_grid(steps, gamma, t_max=1.0).to(noise.device))
+        return euler_sample(velocity, noise, time_grid(steps, gamma, t_max=1.0))
     if solver == "unipc":
         return unipc_sample(velocity, noise, steps, gamma)
     raise ValueError(f"unknown solver {solver!r}; use 'euler' or 'unipc'")
@@ -114,28 +123,29 @@ def tmd_sample(student: torch.nn.Module, noise: torch.Tensor, text: torch.Tensor
     with `student.flow_map`, exactly as `student.inner_flow` runs it; without `trajectory`, `inner_flow` is called.
     """
     outer, inner = student_grids(M, N, gamma, t_max)
+    outer = _times(outer)
     x = noise
     batch = x.shape[0]
+    inner = inner.to(device=x.device, dtype=torch.float32)  # once per call, not per inner step
     for i in range(M, 0, -1):
-        t = torch.full((batch,), float(outer[i]), device=x.device, dtype=torch.float32)
+        t = torch.full((batch,), outer[i], device=x.device, dtype=torch.float32)
         m = student.backbone(x, t, text)
         y1 = torch.randn_like(x) if inner_noise is None else inner_noise[i - 1].to(x)
         if trajectory is None:
-            x = x - float(outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
+            x = x - (outer[i] - outer[i - 1]) * student.inner_flow(m, inner, y1)
             continue
         y, inner_states = y1, []
         for j in range(len(inner) - 1, 0, -1):  # the loop of `TMDTransformer.inner_flow`, keeping every y
-            s = inner[j].to(torch.float32).expand(batch).to(y.device)
-            r = inner[j - 1].to(torch.float32).expand(batch).to(y.device)
+            s, r = inner[j].expand(batch), inner[j - 1].expand(batch)
             y = student.flow_map(y, s, r, m, y1)
             inner_states.append(y.detach().cpu().clone())
-        x = x - float(outer[i] - outer[i - 1]) * y
-        trajectory.append({"t": float(outer[i]), "x": x.detach().cpu().clone(), "inner": inner_states})
+        x = x - (outer[i] - outer[i - 1]) * y
+        trajectory.append({"t": outer[i], "x": x.detach().cpu().clone(), "inner": inner_states})
     return x
 
 
 @torch.no_grad()
-def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
+def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor | Sequence[float],
                 trajectory: list | None = None) -> torch.Tensor:
     """DMD2-v's deterministic multi-step sampler: `x_{t_{i-1}} = (1 - t_{i-1}/t_i) g + (t_{i-1}/t_i) x_{t_i}` with
     `g = x_{t_i} - t_i v` (the student's x0), from t_M = grid[-1] to 0.
@@ -143,9 +153,9 @@ def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor,
     `trajectory`, when given, receives one `{"t": t, "x": x after the step (a CPU clone)}` per step, t being the
     time the step starts from.
     """
-    x = noise
-    for i in range(len(grid) - 1, 0, -1):
-        t, t_prev = float(grid[i]), float(grid[i - 1])
+    x, times = noise, _times(grid)
+    for i in range(len(times) - 1, 0, -1):
+        t, t_prev = times[i], times[i - 1]
         g = x - t * velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).to(x.dtype)
         x = (1 - t_prev / t) * g + (t_prev / t) * x
         if trajectory is not None:

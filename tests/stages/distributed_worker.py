@@ -1,9 +1,10 @@
 """One rank of the 2-process (gloo, CPU) runs behind tests/stages/test_distributed.py, and the pieces both share.
 
-`python tests/stages/distributed_worker.py OUT` with LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (the test
-starts both ranks): Lightning sees an external launcher and joins the process group; every scenario then runs its
-Trainer with `trainer=ddp` or `trainer=fsdp`'s strategy (instantiated from configs/trainer/*.yaml) inside the same
-two processes, and rank 0 saves what the test compares (losses per rank, full weights) to OUT/<scenario>.pt.
+`python tests/stages/distributed_worker.py OUT [SCENARIO ...]` (all scenarios by default) with LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (the test starts both ranks): Lightning sees an external launcher and
+joins the process group; every scenario then runs its Trainer with `trainer=ddp` or `trainer=fsdp`'s strategy
+(instantiated from configs/trainer/*.yaml) inside the same two processes, and rank 0 saves what the test compares
+(losses per rank, full weights) to OUT/<scenario>.pt.
 Nothing is asserted here: the test process does that, against single-process runs it makes itself.
 """
 
@@ -111,11 +112,69 @@ class SeedAtSetup(L.Callback):
 
 
 def trainer(root: Path, strategy: Any = "auto", devices: int = 1, callbacks: list | None = None,
-            **kw: Any) -> L.Trainer:
+            precision: str = "32-true", **kw: Any) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=-1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, precision="32-true", default_root_dir=str(root),
+                     num_sanity_val_steps=0, precision=precision, default_root_dir=str(root),
                      callbacks=callbacks or [], **kw)
+
+
+# -- gradient accumulation (stage.global_batch), fp64 with per-sample noise --------------------------------------------
+ACCUMULATE = dict(optimizer=partial(torch.optim.SGD, lr=0.1), grad_clip=1.0, student_every=2, max_iterations=4)
+ACCUMULATE_SAMPLES = 16  # 4 updates of 4 samples
+
+
+def accumulation_stage(kind: str, encoder: nn.Module, global_batch: int | None) -> L.LightningModule:
+    """A float64 stage (with `precision="64-true"`) whose noise belongs to the samples
+    (tests/stages/per_sample_noise.py): an update is the same whichever micro-batch or rank a sample lands on."""
+    from per_sample_noise import PerSampleNoise
+
+    stage = make_stage(kind, encoder, global_batch=global_batch, **ACCUMULATE)
+    encode = stage.encode_batch
+    stage.encode_batch = lambda batch: tuple(t.double() for t in encode(batch))  # the stage casts to float32
+    PerSampleNoise(stage)
+    return stage
+
+
+class ReductionCounter(L.Callback):
+    """Gradient reductions per training batch: DDP's bucket all-reduces (a comm hook), FSDP2's reduce-scatters."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[int] = []
+        self.count = 0
+        self._restore: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
+                self.count += 1
+                return allreduce_hook(state, bucket)
+
+            model.register_comm_hook(None, hook)
+            return
+        name = "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") \
+            else "reduce_scatter_tensor"  # what FSDP2's DefaultReduceScatter calls (torch >= 2.10 / older)
+        original = getattr(torch.distributed, name)
+
+        def reduce_scatter(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return original(*args, **kwargs)
+
+        setattr(torch.distributed, name, reduce_scatter)
+        self._restore = (name, original)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.per_batch.append(self.count)
+        self.count = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._restore is not None:
+            setattr(torch.distributed, *self._restore)
 
 
 def fit_kw(kind: str, steps: int) -> dict[str, Any]:
@@ -208,6 +267,29 @@ class Worker:
                    "resumed_iteration": resumed.iteration}
         self.save(f"resume_{strategy_name}", record)
 
+    def accumulate(self, strategy_name: str) -> None:
+        """Global batch 4 = 2 ranks x micro batch 1 x k = 2 micro-steps, 4 updates (student, critics, student,
+        critics) in float64; compared with one process taking batches of 4 (test_distill_accumulation.py)."""
+        L.seed_everything(BASE_SEED, verbose=False)
+        stage = accumulation_stage("tmd", self.encoder, global_batch=4)
+        recorder, counter = Recorder(), ReductionCounter()
+        # Lightning's FSDP2 strategy refuses precision="64-true": the same by hand (float64 weights and default dtype)
+        precision = "64-true" if strategy_name == "ddp" else "32-true"
+        tr = trainer(self.out / "runs", strategy_from_config(strategy_name), devices=2, callbacks=[recorder, counter],
+                     precision=precision, max_steps=-1)
+        default = torch.get_default_dtype()
+        if precision == "32-true":
+            stage.double()
+            torch.set_default_dtype(torch.float64)
+        try:
+            tr.fit(stage, DataLoader(Videos(ACCUMULATE_SAMPLES), batch_size=1, shuffle=False), weights_only=False)
+        finally:
+            torch.set_default_dtype(default)
+        self.save(f"accumulate_{strategy_name}",
+                  {"state": full_state(stage, NETWORKS["tmd"]), "batches": gather(recorder.batches),
+                   "losses": gather(recorder.steps), "reductions": gather(counter.per_batch),
+                   "global_step": tr.global_step, "iteration": stage.iteration})
+
     def stray_parameter(self) -> None:
         """A trainable parameter outside every network must stop an FSDP2 run at setup, naming it."""
         L.seed_everything(BASE_SEED, verbose=False)
@@ -226,9 +308,16 @@ class Worker:
         self.timings[name] = round(time.perf_counter() - start, 2)
 
 
-def main(out: str) -> None:
+def main(out: str, scenarios: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     worker = Worker(Path(out))
+    if scenarios:  # only these (e.g. `accumulate_ddp`), instead of the full set below
+        for name in scenarios:
+            method, _, strategy_name = name.rpartition("_")
+            worker.timed(name, getattr(worker, method), strategy_name)
+        if worker.rank == 0:
+            (Path(out) / "timings.json").write_text(json.dumps(worker.timings, indent=1))
+        return
     for strategy_name in ("ddp", "fsdp"):
         worker.timed(f"adapt_head_{strategy_name}", worker.one_step, "adapt_head", strategy_name)
         worker.timed(f"tmd_student_{strategy_name}", worker.one_step, "tmd", strategy_name, 0)
@@ -243,7 +332,7 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[2:])
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()

@@ -43,21 +43,31 @@ def _float32(device: torch.device) -> Iterator[None]:
         yield
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or `dtype` when wider (float64 weights compute in float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` with x cast to the module's weight dtype (float32 for the modules kept in float32), as float32."""
-    return module(x.to(next(module.parameters()).dtype)).float()
+    """`module(x)` with x cast to the module's weight dtype (float32 for the modules kept in float32), as float32
+    (or wider)."""
+    dtype = next(module.parameters()).dtype
+    return module(x.to(dtype)).to(_wide(dtype))
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` in float32 whatever the weights' dtype (a bf16 layer's weights are upcast for this call)."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+    """`layer(x)` in float32 (or the weights' wider dtype) whatever the weights' dtype (a bf16 layer's weights are
+    upcast for this call)."""
+    dtype = _wide(layer.weight.dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
 
 def _conv32(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` in float32 whatever the weights' dtype."""
-    bias = None if conv.bias is None else conv.bias.float()
-    return F.conv3d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    """`conv(x)` in float32 (or the weights' wider dtype) whatever the weights' dtype."""
+    dtype = _wide(conv.weight.dtype)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return F.conv3d(x.to(dtype), conv.weight.to(dtype), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 @dataclass
@@ -293,9 +303,9 @@ class TMDTransformer(ModelMixin, ConfigMixin):
         """
         y = inner_noise
         batch = inner_noise.shape[0]
+        inner_grid = inner_grid.to(device=y.device, dtype=torch.float32)  # once, not per step (no-op when there)
         for j in range(len(inner_grid) - 1, 0, -1):
-            s = inner_grid[j].to(torch.float32).expand(batch).to(y.device)
-            r = inner_grid[j - 1].to(torch.float32).expand(batch).to(y.device)
+            s, r = inner_grid[j].expand(batch), inner_grid[j - 1].expand(batch)
             y = self.flow_map(y.detach() if detach_steps else y, s, r, m, inner_noise)
         return y
 

@@ -5,6 +5,13 @@ Four networks: the student (trained), the frozen teacher (never trained, never i
 (teacher architecture and init, trained on the student's samples) and the discriminator (Conv3D heads on
 frozen-teacher features). Manual optimisation with exclusive iterations (TTUR): iteration i updates the student
 when `i % student_every == 0` and the critics (fake score + discriminator) otherwise.
+
+Gradient accumulation (`global_batch`): one iteration (one update of the student, or of the critics) consumes
+k = global_batch / (world size x micro batch) consecutive batches. Each micro-step backpropagates its loss scaled by
+1/k; gradients are zeroed at the first micro-step, synchronised across ranks only at the last (DDP: no reduction
+before it; FSDP2: `set_requires_gradient_sync`), then clipped and stepped once. With equal micro batches the update
+equals one of the whole global batch (tests/stages/test_distill_accumulation.py). `iteration`, `max_iterations`,
+the TTUR schedule and Lightning's `global_step` (one optimizer step per update) all count updates.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import copy
 import json
 import logging
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -71,8 +79,11 @@ class DistillStage(VideoStage):
             during its calls: teacher and discriminator features see the plain teacher); with `student` the student's
             Wan blocks train as an adapter on its own frozen base, exported merged.
         activation_checkpointing: one activation checkpoint per Wan block (student, fake score, teacher features).
-        global_batch: videos per iteration over all GPUs (None: GPUs x micro batch).
-            accumulation: see DistillStage
+        global_batch: samples per update over all ranks and micro-steps (None: one batch per update, no
+            accumulation). Must be a multiple of world size x the batch size (checked at the first step); the
+            micro-steps of an update all take the TTUR phase of that update. A checkpoint saved mid-accumulation
+            (only possible when validation or an epoch end falls inside an update) does not hold the partial
+            gradients: a run resumed from it restarts that update from its first micro-step (logged).
     """
 
     network_attr = "student"
@@ -87,6 +98,8 @@ class DistillStage(VideoStage):
                  max_iterations: int | None = None, lora: dict[str, Any] | None = None,
                  activation_checkpointing: bool = False, global_batch: int | None = None) -> None:
         super().__init__(codec, text_encoder, negative_prompt)
+        if global_batch is not None and global_batch < 1:
+            raise ValueError(f"global_batch must be a positive number of samples or None, got {global_batch}")
         self.save_hyperparameters(ignore=["student", "teacher", "codec", "text_encoder", "discriminator"],
                                   logger=False)
         self.automatic_optimization = False
@@ -110,6 +123,9 @@ class DistillStage(VideoStage):
             raise ValueError(f"vsd_reduction must be 'mean' or 'sum', got {vsd_reduction!r}")
         self.register_buffer("outer_grid", time_grid(M, grid_gamma, t_max).float(), persistent=False)
         self.iteration = 0
+        self.micro_step = 0  # position inside the current update (0 .. accumulation_steps - 1)
+        self._accumulation: int | None = None  # k, fixed at the first training step
+        self._micro_stats: dict[str, torch.Tensor] = {}  # summed over the micro-steps of the current update
         self.ema_update_due = False  # read by the EMA callback: only student iterations change the student
 
     # -- what subclasses provide -----------------------------------------------------------------------------------
@@ -134,7 +150,7 @@ class DistillStage(VideoStage):
         keep = {f"teacher.{k}" for k in adapter_parameters(self.teacher, FAKE_SCORE)}  # the LoRA fake score
         for key in [k for k in state if k.startswith("teacher.") and k not in keep]:
             del state[key]
-        checkpoint["distill"] = {"iteration": self.iteration, "rng": _rng_state(),
+        checkpoint["distill"] = {"iteration": self.iteration, "micro_step": self.micro_step, "rng": _rng_state(),
                                  "rng_by_rank": _gather_rng_states()}  # data-parallel ranks draw their own noise
         checkpoint["tmd_lightning"] |= {"sampling_stage": self.sampling_stage,
                                         "sampler_defaults": dict(self.sampler_defaults)}
@@ -145,6 +161,10 @@ class DistillStage(VideoStage):
         record = checkpoint.get("distill")
         if record is not None:
             self.iteration = int(record["iteration"])
+            if int(record.get("micro_step", 0)):
+                log.warning("checkpoint saved at micro-step %d of iteration %d: its partial gradients were not saved, "
+                            "so that update restarts from its first micro-step", record["micro_step"], self.iteration)
+            self.micro_step = 0
             _restore_rng(record)
 
     def export_pretrained(self, path: str) -> bool:
@@ -210,12 +230,94 @@ class DistillStage(VideoStage):
         self.log(f"grad_norm/{name}", norm, batch_size=1)
         optimizer.step()
 
+    # -- gradient accumulation -----------------------------------------------------------------------------------------
+    def accumulation_steps(self, micro_batch: int) -> int:
+        """k: micro-steps per update, `global_batch / (world size x micro_batch)`, fixed by the first batch."""
+        if self._accumulation is None:
+            world = self._trainer.world_size if self._trainer is not None else 1
+            global_batch = self.hparams.global_batch
+            if global_batch is None:
+                self._accumulation = 1
+            elif global_batch % (world * micro_batch):
+                raise ValueError(f"stage.global_batch={global_batch} is not a multiple of world size {world} x "
+                                 f"batch size {micro_batch} (data.batch_size is the per-rank micro batch)")
+            else:
+                self._accumulation = global_batch // (world * micro_batch)
+        return self._accumulation
+
+    @contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Backward passes inside reduce gradients across ranks only when `enabled` (always, without a data-parallel
+        strategy). DDP: Lightning prepares the reducer only while `require_backward_grad_sync` is set (what
+        `no_sync()` clears); FSDP2: `set_requires_gradient_sync` on every `fully_shard`-ed module."""
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(ddp, DistributedDataParallel):
+            before, ddp.require_backward_grad_sync = ddp.require_backward_grad_sync, enabled
+            try:
+                yield
+            finally:
+                ddp.require_backward_grad_sync = before
+            return
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_requires_gradient_sync(enabled, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
+
+    def _hold_ddp_sync(self) -> None:
+        """While accumulating under DDP, the wrapper's own forward (the whole `training_step`) runs without gradient
+        sync, so DDP does not prepare its reducer for a backward after the step (a backward of the next micro-step
+        would find it armed and reduce); `gradient_sync(True)` arms it for the last micro-step's backward only."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(ddp, DistributedDataParallel):
+            ddp.require_backward_grad_sync = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(ddp, DistributedDataParallel):
+            ddp.require_backward_grad_sync = True  # DDP's default outside the accumulating steps
+
+    def _backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """`manual_backward`, synchronised across ranks only at the last micro-step of an update."""
+        if self._accumulation == 1:  # every backward synchronises, as without accumulation support
+            self.manual_backward(tensor, *args, **kwargs)
+            return
+        with self.gradient_sync(self.micro_step == self._accumulation - 1):
+            self.manual_backward(tensor, *args, **kwargs)
+
+    def _log_update(self, stats: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Logs `stats` once per update: the mean over its micro-steps (with equal micro batches the losses equal
+        those of the whole global batch; norms are the mean of the micro batches' norms)."""
+        k = self._accumulation or 1
+        if k == 1:
+            self.log_dict({f"train/{name}": v for name, v in stats.items()}, batch_size=batch_size)
+            return
+        for name, v in stats.items():
+            self._micro_stats[name] = self._micro_stats.get(name, 0.0) + v.detach()
+        if self.micro_step == k - 1:
+            self.log_dict({f"train/{name}": v / k for name, v in self._micro_stats.items()},
+                          batch_size=batch_size * k)
+            self._micro_stats = {}
+
     # -- the two kinds of iteration ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.skip_empty_batch(batch):  # no sample: no iteration, the student/critic schedule waits
             self.ema_update_due = False
             return
         x, text = self.encode_batch(batch)
+        k = self.accumulation_steps(x.shape[0])
+        if k > 1:
+            self._hold_ddp_sync()
         neg = self.negative_embedding(x.shape[0])
         optimizers = self.optimizers()
         student_turn = self.iteration % self.hparams.student_every == 0
@@ -223,17 +325,22 @@ class DistillStage(VideoStage):
             self.student_iteration(x, text, neg, optimizers[0])
         else:
             self.critic_iteration(x, text, optimizers[1], optimizers[2] if len(optimizers) > 2 else None)
-        self.ema_update_due = student_turn
+        last = self.micro_step == k - 1
+        self.micro_step = 0 if last else self.micro_step + 1
+        self.ema_update_due = student_turn and last
+        if not last:
+            return
         self.iteration += 1
-        self.log("train/phase_student", float(student_turn), batch_size=x.shape[0])
-        self.log("train/iteration", float(self.iteration), batch_size=x.shape[0])
+        self.log("train/phase_student", float(student_turn), batch_size=x.shape[0] * k)
+        self.log("train/iteration", float(self.iteration), batch_size=x.shape[0] * k)
         if self.hparams.max_iterations is not None and self.iteration >= self.hparams.max_iterations:
             self.trainer.should_stop = True
 
     def student_iteration(self, x: torch.Tensor, text: torch.Tensor, neg: torch.Tensor,
                           optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """`L_vsd + λ L_gan`; both reach the student only through x̂, so their x̂-gradients are formed separately
-        (their norms logged) and sent back through the student in one backward."""
+        (their norms logged) and sent back through the student in one backward (one micro-step of the update when
+        accumulating: the x̂-gradient scaled by 1/k, the step taken after the last)."""
         h, b = self.hparams, x.shape[0]
         x_hat = self.sample_from_data(x, text)
         t = self.dmd_time(b)
@@ -256,10 +363,13 @@ class DistillStage(VideoStage):
                       "grad_ratio_gan_vsd": grad_gan.norm() / grad_x.norm().clamp_min(1e-12)}
             grad_x = grad_x + grad_gan
             stats["loss_student"] = loss_vsd.detach() + h.gan_weight * loss_gan.detach()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(x_hat, gradient=grad_x.to(x_hat.dtype))
-        self._step(optimizer, self.student, "student")
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=b)
+        k = self.accumulation_steps(b)
+        if self.micro_step == 0:
+            optimizer.zero_grad(set_to_none=True)
+        self._backward(x_hat, gradient=(grad_x if k == 1 else grad_x / k).to(x_hat.dtype))
+        if self.micro_step == k - 1:
+            self._step(optimizer, self.student, "student")
+        self._log_update(stats, b)
         return stats
 
     def critic_iteration(self, x: torch.Tensor, text: torch.Tensor, opt_fake: torch.optim.Optimizer,
@@ -289,15 +399,18 @@ class DistillStage(VideoStage):
             stats |= {"loss_discriminator": loss_disc.detach(),
                       "disc_acc_real": torch.stack([(lg > 0).float().mean() for lg in real_logits]).mean(),
                       "disc_acc_fake": torch.stack([(lg < 0).float().mean() for lg in fake_logits]).mean()}
-        opt_fake.zero_grad(set_to_none=True)
-        if opt_disc is not None:
-            opt_disc.zero_grad(set_to_none=True)
+        k = self.accumulation_steps(b)
+        if self.micro_step == 0:
+            opt_fake.zero_grad(set_to_none=True)
+            if opt_disc is not None:
+                opt_disc.zero_grad(set_to_none=True)
         with self.fake_score.active() if self.lora.fake_score else nullcontext():  # checkpointed recompute
-            self.manual_backward(loss)
-        self._step(opt_fake, self.fake_score, "fake_score")
-        if opt_disc is not None:  # the raw optimizer: Lightning counts one global step per iteration, not per network
-            self._step(getattr(opt_disc, "optimizer", opt_disc), self.discriminator, "discriminator")
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=b)
+            self._backward(loss if k == 1 else loss / k)
+        if self.micro_step == k - 1:
+            self._step(opt_fake, self.fake_score, "fake_score")
+            if opt_disc is not None:  # the raw optimizer: Lightning counts one global step per update, not per network
+                self._step(getattr(opt_disc, "optimizer", opt_disc), self.discriminator, "discriminator")
+        self._log_update(stats, b)
         return stats
 
 
