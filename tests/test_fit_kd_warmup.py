@@ -36,7 +36,8 @@ def test_kd_pairs_then_kd_warmup_then_one_step_dmd2_from_its_export(tmp_path: Pa
          "shard_size=24", cwd=tmp_path)
     assert (tmp_path / "data" / "kd_pairs" / "toy_9x16x16" / "index.json").is_file()  # where kd_warmup looks
     _run("tmd_lightning.fit", "experiment=kd_warmup", f"stage.student.pretrained={teacher}", "trainer.max_steps=3",
-         "callbacks.toy_eval.every_n_steps=3", "trainer.log_every_n_steps=1", "data.batch_size=16", "callbacks.rich_progress_bar=null", cwd=tmp_path)
+         "callbacks.toy_eval.every_n_steps=3", "trainer.log_every_n_steps=1", "data.batch_size=16",
+         "callbacks.rich_progress_bar=null", cwd=tmp_path)
     kd = tmp_path / "logs" / "kd_warmup" / "latest"
     assert (kd / "toy_eval.csv").is_file()  # the one-step student scored on the toy captions at the end
     kd_export = kd / "export" / "student"
