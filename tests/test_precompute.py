@@ -51,7 +51,7 @@ def cache(videos: Path) -> tuple[Path, dict]:
     """8 train videos in shards of 3 (3, 3, 2), 2 val videos, the negative prompt and two evaluation prompts."""
     out = videos / "cache"
     index = precompute.run(_cfg(videos, out, f"data.train_manifest={videos}/train.csv",
-                                f"data.val_manifest={videos}/val.csv", f"prompts=[{','.join(PROMPTS)}]"))
+                                f"data.val_manifest={videos}/val.csv", f"prompts=[{','.join(PROMPTS)}]"))["index"]
     return out, index
 
 
@@ -108,8 +108,7 @@ def test_rerun_of_a_finished_cache_loads_no_encoder(cache, videos, monkeypatch) 
     monkeypatch.setattr(precompute, "instantiate", _forbidden_encoder(precompute.instantiate))
     again = precompute.run(_cfg(videos, out, f"data.train_manifest={videos}/train.csv",
                                 f"data.val_manifest={videos}/val.csv", f"prompts=[{','.join(PROMPTS)}]"))
-    assert again["splits"]["train"]["shards_written"] == 0 and again["splits"]["val"]["shards_written"] == 0
-    assert again["splits"]["train"]["shards"] == index["splits"]["train"]["shards"]
+    assert again["written"] == [] and again["index"] == index
 
 
 def _forbidden_encoder(instantiate):
@@ -147,11 +146,12 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, videos, monkeypa
         real_write(path, *a, **k)
 
     monkeypatch.setattr(precompute, "write_shard", record_write)
-    index = precompute.run(_cfg(videos, out, *args))
+    result = precompute.run(_cfg(videos, out, *args))
+    index = result["index"]
     assert written == ["shard_00001.safetensors", "shard_00002.safetensors"]
     assert not list((out / "train").glob("*.tmp"))  # the partial file was replaced by the finished shard
     assert (out / "train" / "shard_00000.safetensors").stat().st_mtime_ns == first
-    assert index["splits"]["train"]["shards_written"] == 2
+    assert [p.name for p in result["written"]] == written
     reference = _stored(*cache)
     for (s, z, t), (rs, rz, rt) in zip(_stored(out, index), reference, strict=True):
         assert s == rs and torch.equal(z, rz) and torch.equal(t, rt)
@@ -174,7 +174,7 @@ def test_bad_files_are_skipped_counted_and_recorded(videos: Path, tmp_path: Path
     args = (f"data.train_manifest={tmp_path}/m.csv",)
     with pytest.raises(ManifestError, match="more than data.max_skip_fraction"):  # the DataModule's limit applies
         precompute.run(_cfg(tmp_path, tmp_path / "c0", *args))
-    index = precompute.run(_cfg(tmp_path, tmp_path / "c1", *args, "data.max_skip_fraction=0.9"))
+    index = precompute.run(_cfg(tmp_path, tmp_path / "c1", *args, "data.max_skip_fraction=0.9"))["index"]
     train = index["splits"]["train"]
     assert train["num_rows"] == 5 and train["num_samples"] == 1 and train["num_skipped"] == 4
     reasons = {Path(r["path"]).name: r["reason"] for r in train["skipped"]}
@@ -185,6 +185,28 @@ def test_bad_files_are_skipped_counted_and_recorded(videos: Path, tmp_path: Path
     dm = CachedDataModule(str(tmp_path / "c1"), 9, 16, 16, text_length=8)
     dm.setup()
     assert len(dm.train_set) == 1 and len(dm.skips.skipped) == 4 and dm.skips.seen == 5
+
+
+def test_two_ranks_encode_disjoint_shares_and_the_last_writes_the_index(cache, videos, monkeypatch) -> None:
+    """torchrun's RANK / WORLD_SIZE (here two processes one after the other): shards 0, 2 of the training split
+    (3, 3, 2 samples) go to rank 0, shard 1 and the validation shard to rank 1; the last one done writes the index,
+    equal to a single process's."""
+    out = videos / "ranked"
+    args = (f"data.train_manifest={videos}/train.csv", f"data.val_manifest={videos}/val.csv",
+            f"prompts=[{','.join(PROMPTS)}]")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        result = precompute.run(_cfg(videos, out, *args))
+        shares.append({f"{p.parent.name}/{p.name}" for p in result["written"]})
+        assert (result["index"] is None) == (rank == "0") and (out / "index.json").is_file() == (rank == "1")
+    assert shares == [{"train/shard_00000.safetensors", "train/shard_00002.safetensors"},
+                      {"train/shard_00001.safetensors", "val/shard_00000.safetensors"}]
+    index, reference = result["index"], cache[1]
+    assert index["splits"] == reference["splits"] and index["prompts"] == reference["prompts"]
+    for (s, z, t), (rs, rz, rt) in zip(_stored(out, index), _stored(*cache), strict=True):
+        assert s == rs and torch.equal(z, rz) and torch.equal(t, rt)
 
 
 def test_existing_cache_of_another_configuration_is_an_error(cache, videos) -> None:

@@ -12,15 +12,14 @@ names the prompts, and `prompts.safetensors` holds the negative prompt and every
 atomically; a rerun writes only missing, damaged or outdated shards (and loads no network when none is). Launched
 with torchrun (RANK / WORLD_SIZE) or SLURM, rank r of W writes shards r, r + W, r + 2W, ... of the list of all
 shards (training, then validation); the rank that finds every shard finished writes `prompts.safetensors` and then
-`index.json` (a rerun with any number of processes completes a cache whose index is missing).
+`index.json` (a rerun with any number of processes completes a cache whose index is missing): the split and merge of
+`data/sharding.py`, shared with `precompute` and `generate`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
 import time
 from functools import cached_property
 from pathlib import Path
@@ -33,19 +32,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.cache import (
-    CACHE_VERSION,
     INDEX_FILE,
-    atomic_write_text,
+    build_index,
+    finished_shards,
     previous_index,
-    read_shard_record,
+    shard_current,
     shard_path,
     signature,
+    store_prompts,
+    write_index,
     write_shard,
 )
+from tmd_lightning.data.sharding import ShardJob, my_share, others_unfinished, plan_shards, process_share, share_note
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts
 from tmd_lightning.models import load_transformer
 from tmd_lightning.models.precision import resolve_dtype
-from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings, zero_pad_text
+from tmd_lightning.models.text_encoders import zero_pad_text
 from tmd_lightning.models.wan_parts import forward_skipping_blocks
 from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.sampling import VelocityFn, cfg_velocity, teacher_sample
@@ -84,21 +86,6 @@ def plan_pairs(num_pairs: int, num_val_pairs: int, prompts: list[str]) -> dict[s
         raise ValueError(f"num_pairs must be >= 1 and num_val_pairs >= 0, got {num_pairs} and {num_val_pairs}")
     splits = {"train": range(num_pairs), "val": range(num_pairs, num_pairs + num_val_pairs)}
     return {name: [(i, prompts[i % len(prompts)]) for i in rows] for name, rows in splits.items() if rows}
-
-
-def shard_jobs(plan: dict[str, list[tuple[int, str]]], shard_size: int) -> list[tuple[str, int, list]]:
-    """(split, shard number, its pairs) for every shard of the plan, in a fixed order (the ranks' shares)."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [(split, k, pairs[start : start + shard_size]) for split, pairs in plan.items()
-            for k, start in enumerate(range(0, len(pairs), shard_size))]
-
-
-def process_share(rank: int, world_size: int) -> tuple[int, int]:
-    """This process's (rank, world size), checked."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} of world size {world_size}: need 0 <= rank < world_size")
-    return rank, world_size
 
 
 # ------------------------------------------------------------------------------------------------ the teacher
@@ -197,21 +184,13 @@ def make_shard(teacher: Teacher, pairs: list[tuple[int, str]], cfg: DictConfig
     return latents, texts, noises, samples
 
 
-def shard_is_current(path: Path, sig: str, pairs: list) -> dict[str, Any] | None:
-    """The shard's record when the file is complete and made for these pairs under this configuration, else None."""
-    record = read_shard_record(path)
-    if record is None or record.get("signature") != sig or record.get("rows") != [list(p) for p in pairs]:
-        return None
-    return record
-
-
-def write_pairs(out: Path, jobs: list[tuple[str, int, list]], teacher: Teacher, cfg: DictConfig, sig: str
-                ) -> list[Path]:
+def write_pairs(out: Path, jobs: list[ShardJob], teacher: Teacher, cfg: DictConfig, sig: str) -> list[Path]:
     """Writes this process's missing shards among `jobs`; returns the files written."""
     written = []
-    for split, k, pairs in jobs:
+    for job in jobs:
+        split, k, pairs = job
         path = shard_path(out, split, k)
-        if shard_is_current(path, sig, pairs) is not None:
+        if shard_current(out, job, sig) is not None:
             continue
         start = time.perf_counter()
         latents, texts, noises, samples = make_shard(teacher, pairs, cfg)
@@ -223,48 +202,6 @@ def write_pairs(out: Path, jobs: list[tuple[str, int, list]], teacher: Teacher, 
     return written
 
 
-# ------------------------------------------------------------------------------------------------ the index
-
-
-def finished_shards(out: Path, jobs: list[tuple[str, int, list]], sig: str) -> list[dict[str, Any]] | None:
-    """Every shard's record when all of them are written and current (by any rank), else None."""
-    records = [shard_is_current(shard_path(out, split, k), sig, pairs) for split, k, pairs in jobs]
-    return None if any(r is None for r in records) else records
-
-
-def write_prompts(out: Path, captions: list[str], teacher: Teacher, cfg: DictConfig,
-                  previous: dict[str, Any] | None, sig: str) -> dict[str, Any]:
-    """Stores the negative prompt and the pairs' prompts (trimmed), unless the same set is already there.
-
-    Written under a name of this process's own, then renamed: ranks that finish together both write it safely."""
-    done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
-    if not (done and (out / PROMPTS_FILE).is_file()):
-        dtype = getattr(torch, cfg.dtype)
-        embeddings = teacher.text_encoder.encode_trimmed(captions)
-        own = save_prompt_embeddings(out / f"{PROMPTS_FILE}.{os.getpid()}",
-                                     {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
-        os.replace(own, out / PROMPTS_FILE)
-    return {"file": PROMPTS_FILE, "negative_prompt": cfg.model.negative_prompt, "captions": captions,
-            "signature": sig}
-
-
-def build_index(out: Path, jobs: list[tuple[str, int, list]], records: list[dict[str, Any]], record: dict[str, Any],
-                sig: str, prompts: dict[str, Any]) -> dict[str, Any]:
-    """The cache index (`precompute`'s format plus `extra_tensors`) over every shard."""
-    splits: dict[str, Any] = {}
-    for (split, k, _), rec in zip(jobs, records, strict=True):
-        entry = splits.setdefault(split, {"shards": [], "num_rows": 0, "num_samples": 0, "num_skipped": 0,
-                                          "skipped": []})
-        entry["shards"].append({"file": str(shard_path(out, split, k).relative_to(out)), "samples": rec["samples"],
-                                "skipped": []})
-        entry["num_rows"] += len(rec["samples"])
-        entry["num_samples"] += len(rec["samples"])
-    first = records[0]["samples"][0]
-    return {"version": CACHE_VERSION, "config": record, "signature": sig, "prompts": prompts,
-            "latent_shape": first["latent_shape"], "text_dim": first["text_shape"][-1],
-            "extra_tensors": EXTRA_TENSORS, "splits": splits}
-
-
 # ------------------------------------------------------------------------------------------------ the command
 
 
@@ -273,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns {"written": shard files written now, "index": the index or None (other ranks still at work), "output"}.
     """
-    rank, world_size = process_share(int(cfg.rank), int(cfg.world_size))
+    rank, world_size = process_share(cfg.rank, cfg.world_size)
     check_skip_layers(skip_layer_settings(cfg), float(cfg.sampler.cfg))
     device = resolve_device(cfg.device)
     out = Path(cfg.output)
@@ -282,27 +219,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sig = signature(record)
     previous = previous_index(out, record)
     prompts = resolve_prompts(cfg.prompts)
-    jobs = shard_jobs(plan_pairs(int(cfg.num_pairs), int(cfg.num_val_pairs), prompts), int(cfg.shard_size))
+    jobs = plan_shards(plan_pairs(int(cfg.num_pairs), int(cfg.num_val_pairs), prompts), int(cfg.shard_size))
     teacher = Teacher(cfg, device)
-    written = write_pairs(out, jobs[rank::world_size], teacher, cfg, sig)
+    written = write_pairs(out, my_share(jobs, rank, world_size), teacher, cfg, sig)
     records = finished_shards(out, jobs, sig)
     index = None
-    if records is not None:
-        captions = list(dict.fromkeys([cfg.model.negative_prompt, *(p for _, _, pairs in jobs for _, p in pairs)]))
-        stored = write_prompts(out, captions, teacher, cfg, previous and previous.get("prompts"), sig)
-        index = build_index(out, jobs, records, record, sig, stored)
-        atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
+    if records is not None:  # the last rank done merges
+        captions = list(dict.fromkeys([cfg.model.negative_prompt, *(p for job in jobs for _, p in job.rows)]))
+        stored = store_prompts(out, captions, lambda c: teacher.text_encoder.encode_trimmed(c),
+                               getattr(torch, cfg.dtype), cfg.model.negative_prompt,
+                               previous and previous.get("prompts"), sig)
+        index = build_index(out, jobs, records, record, sig, stored, EXTRA_TENSORS)
+        write_index(out, index)
     _report(out, index, written, rank, world_size, cfg)
     return {"written": written, "index": index, "output": out}
 
 
 def _report(out: Path, index: dict[str, Any] | None, written: list[Path], rank: int, world_size: int,
             cfg: DictConfig) -> None:
-    who = f"rank {rank} of {world_size}: " if world_size > 1 else ""
+    who = share_note(rank, world_size)
     print(f"{who}{len(written)} shard(s) written now")
     if index is None:
-        print(f"{who}other ranks' shards are not finished yet; the last rank to finish writes {out / INDEX_FILE} "
-              "(or rerun this command: it writes only what is missing)")
+        print(who + others_unfinished(out / INDEX_FILE))
         return
     for name, split in index["splits"].items():
         print(f"{name}: {split['num_samples']} pairs in {len(split['shards'])} shards")

@@ -6,11 +6,14 @@ latents `(z - mean) / std`) and every caption with `model.text_encoder` (stored 
 in shards of `shard_size` samples, plus the negative prompt and any evaluation `prompts`. Finished shards are kept:
 a rerun after a crash encodes only what is missing (and loads no encoder when nothing is). `index.json` is written
 last and atomically. Train from the cache with `data=cache data.cache_dir=DIR` (see `configs/data/cache.yaml`).
+
+Launched with torchrun or srun (`torchrun --nproc-per-node=8 -m tmd_lightning.precompute ...`), rank r of W encodes
+shards r, r + W, ... of the list of all shards (training, then validation) and the last rank done writes the prompts
+and the one merged index (`data/sharding.py`); a rerun with any number of processes completes an unfinished cache.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -25,18 +28,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.cache import (
-    CACHE_VERSION,
     INDEX_FILE,
-    atomic_write_text,
+    build_index,
+    finished_shards,
     previous_index,
-    read_shard_record,
+    shard_current,
     shard_path,
     signature,
+    store_prompts,
+    write_index,
     write_shard,
 )
 from tmd_lightning.data.dataset import SkipCounter, VideoTextDataset, collate_videos
+from tmd_lightning.data.sharding import ShardJob, my_share, others_unfinished, plan_shards, process_share, share_note
 from tmd_lightning.evaluation import resolve_device, resolve_prompts
-from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
 from tmd_lightning.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -111,30 +116,26 @@ def encode_shard(dataset: VideoTextDataset, rows: list[int], encoders: Encoders,
     return latents, texts, samples, skipped
 
 
-def encode_split(out: Path, split: str, dataset: VideoTextDataset, prefiltered: list[dict], encoders: Encoders,
-                 cfg: DictConfig, sig: str) -> dict[str, Any]:
-    """Writes the split's missing shards and returns its index entry (shards, skipped files, counts)."""
-    skips = SkipCounter(max_fraction=cfg.data.max_skip_fraction)
-    size = int(cfg.shard_size)
-    shards, written = [], 0
-    for k, start in enumerate(range(0, len(dataset), size)):
-        rows = list(range(start, min(start + size, len(dataset))))
-        plan = [[str(dataset.entries[i].path), dataset.entries[i].caption] for i in rows]
-        path = shard_path(out, split, k)
-        record = read_shard_record(path)
-        if record is None or record.get("signature") != sig or record.get("rows") != plan:
-            latents, texts, samples, skipped = encode_shard(dataset, rows, encoders, cfg, skips)
-            record = {"signature": sig, "split": split, "shard": k, "rows": plan, "samples": samples,
-                      "skipped": skipped}
-            write_shard(path, latents, texts, record)
-            written += 1
-            log.info("%s: wrote %s (%d samples, %d skipped)", split, path.name, len(samples), len(skipped))
-        shards.append({"file": str(path.relative_to(out)), "samples": record["samples"],
-                       "skipped": record["skipped"]})
-    skipped = prefiltered + [r for s in shards for r in s["skipped"]]
-    return {"shards": shards, "num_rows": len(dataset) + len(prefiltered),
-            "num_samples": sum(len(s["samples"]) for s in shards), "num_skipped": len(skipped), "skipped": skipped,
-            "shards_written": written}
+def encode_shards(out: Path, jobs: list[ShardJob], datasets: dict[str, VideoTextDataset], encoders: Encoders,
+                  cfg: DictConfig, sig: str) -> list[Path]:
+    """Writes this process's missing shards among `jobs` (shard k of a split covers its usable rows k * shard_size
+    onwards); returns the files written. Unusable files count against `data.max_skip_fraction` per split, over the
+    rows this process encodes."""
+    skips = {split: SkipCounter(max_fraction=cfg.data.max_skip_fraction) for split in datasets}
+    written = []
+    for job in jobs:
+        if shard_current(out, job, sig) is not None:
+            continue
+        start = job.shard * int(cfg.shard_size)
+        rows = list(range(start, start + len(job.rows)))
+        latents, texts, samples, skipped = encode_shard(datasets[job.split], rows, encoders, cfg, skips[job.split])
+        record = {"signature": sig, "split": job.split, "shard": job.shard, "rows": job.rows, "samples": samples,
+                  "skipped": skipped}
+        path = shard_path(out, job.split, job.shard)
+        write_shard(path, latents, texts, record)
+        written.append(path)
+        log.info("%s: wrote %s (%d samples, %d skipped)", job.split, path.name, len(samples), len(skipped))
+    return written
 
 
 def encode_prompts(out: Path, cfg: DictConfig, encoders: Encoders, previous: dict[str, Any] | None,
@@ -142,17 +143,17 @@ def encode_prompts(out: Path, cfg: DictConfig, encoders: Encoders, previous: dic
     """Stores the negative prompt and the evaluation prompts (trimmed) unless the same set is already there."""
     extra = resolve_prompts(cfg.prompts) if cfg.prompts else []
     captions = list(dict.fromkeys([cfg.model.negative_prompt, *extra]))
-    done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
-    if not (done and (out / PROMPTS_FILE).is_file()):
-        dtype = getattr(torch, cfg.dtype)
-        embeddings = encoders.text_encoder.encode_trimmed(captions)
-        save_prompt_embeddings(out / PROMPTS_FILE, {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
-    return {"file": PROMPTS_FILE, "negative_prompt": cfg.model.negative_prompt, "captions": captions,
-            "signature": sig}
+    return store_prompts(out, captions, lambda c: encoders.text_encoder.encode_trimmed(c), getattr(torch, cfg.dtype),
+                         cfg.model.negative_prompt, previous, sig)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Encodes the manifest(s) of `cfg.data` into `cfg.output`; returns the index."""
+    """Encodes this process's share of the manifest(s) of `cfg.data` into `cfg.output`, then, when every shard is
+    done, the prompts and the index (`data/sharding.py`: the last rank done merges).
+
+    Returns {"written": shard files written now, "index": the index or None (other ranks still at work), "output"}.
+    """
+    rank, world_size = process_share(cfg.rank, cfg.world_size)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     record = cache_record(cfg)
@@ -161,28 +162,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # writes the toy world when data=toy
     encoders = Encoders(cfg, resolve_device(cfg.device))
-    splits = {}
+    datasets, prefiltered = {}, {}
     for split in ("train", "val"):
         before = len(datamodule.skips.skipped)
         dataset = datamodule.split_dataset(split)
         if dataset is None:
             continue
-        prefiltered = [{"path": r.path, "reason": r.reason} for r in datamodule.skips.skipped[before:]]
-        splits[split] = encode_split(out, split, dataset, prefiltered, encoders, cfg, sig)
-    prompts = encode_prompts(out, cfg, encoders, previous and previous.get("prompts"), sig)
-    first = next((s for split in splits.values() for shard in split["shards"] for s in shard["samples"]), None)
-    index = {"version": CACHE_VERSION, "config": record, "signature": sig, "prompts": prompts,
-             "latent_shape": first and first["latent_shape"], "text_dim": first and first["text_shape"][-1],
-             "splits": splits}
-    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
-    _report(out, index, cfg)
-    return index
+        datasets[split] = dataset
+        prefiltered[split] = [{"path": r.path, "reason": r.reason} for r in datamodule.skips.skipped[before:]]
+    plan = {split: [[str(e.path), e.caption] for e in dataset.entries] for split, dataset in datasets.items()}
+    jobs = plan_shards(plan, int(cfg.shard_size))
+    written = encode_shards(out, my_share(jobs, rank, world_size), datasets, encoders, cfg, sig)
+    records = finished_shards(out, jobs, sig)
+    index = None
+    if records is not None:  # the last rank done merges
+        prompts = encode_prompts(out, cfg, encoders, previous and previous.get("prompts"), sig)
+        index = build_index(out, jobs, records, record, sig, prompts, prefiltered=prefiltered)
+        write_index(out, index)
+    _report(out, index, written, rank, world_size, cfg)
+    return {"written": written, "index": index, "output": out}
 
 
-def _report(out: Path, index: dict[str, Any], cfg: DictConfig) -> None:
+def _report(out: Path, index: dict[str, Any] | None, written: list[Path], rank: int, world_size: int,
+            cfg: DictConfig) -> None:
+    who = share_note(rank, world_size)
+    print(f"{who}{len(written)} shard(s) written now")
+    if index is None:
+        print(who + others_unfinished(out / INDEX_FILE))
+        return
     for name, split in index["splits"].items():
-        print(f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards "
-              f"({split['shards_written']} written now), {split['num_skipped']} of {split['num_rows']} rows skipped")
+        print(f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards, "
+              f"{split['num_skipped']} of {split['num_rows']} rows skipped")
         for rec in split["skipped"][:10]:
             print(f"  skipped {rec['path']}: {rec['reason']}")
     print(f"prompts: {len(index['prompts']['captions'])} (negative prompt + evaluation prompts)")

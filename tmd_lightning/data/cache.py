@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tmd_lightning.data.dataset import SkipCounter, SkipRecord
+from tmd_lightning.data.sharding import ShardJob, atomic_write_text, current_record, finished_records
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,6 @@ class CacheError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ files and shards
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a file so that readers see the old or the new content, never a partial one (the temporary file is this
-    process's own, so processes writing the same file at once do not interfere: the last rename wins)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def signature(record: dict[str, Any]) -> str:
@@ -105,6 +99,62 @@ def read_shard_record(path: Path) -> dict[str, Any] | None:
         log.warning("%s lacks tensors its record names; it will be redone", path)
         return None
     return record
+
+
+def shard_current(out: Path, job: ShardJob, sig: str) -> dict[str, Any] | None:
+    """The record of `job`'s shard when it is complete and made for its rows under this configuration, else None."""
+    return current_record(read_shard_record, shard_path(out, job.split, job.shard), sig, job.rows)
+
+
+def finished_shards(out: Path, jobs: Sequence[ShardJob], sig: str) -> list[dict[str, Any]] | None:
+    """Every shard's record when all of them are written and current (by any rank), else None."""
+    return finished_records(read_shard_record, [shard_path(out, j.split, j.shard) for j in jobs], jobs, sig)
+
+
+def build_index(out: Path, jobs: Sequence[ShardJob], records: list[dict[str, Any]], config: dict[str, Any], sig: str,
+                prompts: dict[str, Any], extra_tensors: Sequence[str] = (),
+                prefiltered: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """The merged index over every shard of the plan: per split its shards (file, samples, skipped files), the rows
+    planned (plus those `prefiltered` before planning, e.g. missing files), samples and skipped files."""
+    splits: dict[str, Any] = {}
+    for job, rec in zip(jobs, records, strict=True):
+        entry = splits.setdefault(job.split, {"shards": [], "num_rows": len(prefiltered.get(job.split, []))
+                                              if prefiltered else 0, "num_samples": 0, "num_skipped": 0,
+                                              "skipped": list(prefiltered.get(job.split, [])) if prefiltered else []})
+        skipped = rec.get("skipped", [])
+        entry["shards"].append({"file": str(shard_path(out, job.split, job.shard).relative_to(out)),
+                                "samples": rec["samples"], "skipped": skipped})
+        entry["num_rows"] += len(job.rows)
+        entry["num_samples"] += len(rec["samples"])
+        entry["skipped"] += skipped
+        entry["num_skipped"] = len(entry["skipped"])
+    first = next((s for rec in records for s in rec["samples"]), None)
+    index = {"version": CACHE_VERSION, "config": config, "signature": sig, "prompts": prompts,
+             "latent_shape": first and first["latent_shape"], "text_dim": first and first["text_shape"][-1],
+             "splits": splits}
+    return index | ({"extra_tensors": list(extra_tensors)} if extra_tensors else {})
+
+
+def store_prompts(out: Path, captions: list[str], encode: Callable[[list[str]], list[torch.Tensor]],
+                  dtype: torch.dtype, negative_prompt: str, previous: dict[str, Any] | None, sig: str
+                  ) -> dict[str, Any]:
+    """Stores the prompts' trimmed text embeddings (`encode`, called only when needed: a rerun over a finished cache
+    loads no text encoder) unless the same set is already there; returns the index's `prompts` entry.
+
+    Written under a name of this process's own, then renamed: ranks that finish together both write it safely."""
+    from tmd_lightning.models.text_encoders import PROMPTS_FILE, save_prompt_embeddings
+
+    done = previous is not None and previous.get("signature") == sig and previous.get("captions") == captions
+    if not (done and (out / PROMPTS_FILE).is_file()):
+        embeddings = encode(captions)
+        own = save_prompt_embeddings(out / f"{PROMPTS_FILE}.{os.getpid()}",
+                                     {c: e.to(dtype) for c, e in zip(captions, embeddings, strict=True)})
+        os.replace(own, out / PROMPTS_FILE)
+    return {"file": PROMPTS_FILE, "negative_prompt": negative_prompt, "captions": captions, "signature": sig}
+
+
+def write_index(out: Path, index: dict[str, Any]) -> None:
+    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
 
 
 PRECOMPUTE_COMMAND = "python -m tmd_lightning.precompute ... output=DIR"
