@@ -68,7 +68,7 @@ def cache(world: Path) -> tuple[Path, dict]:
     out = world / "cache"
     index = precompute.run(_compose("precompute", world, f"data.train_manifest={world}/videos/train.csv",
                                     f"data.val_manifest={world}/videos/val.csv", f"output={out}",
-                                    f"prompts={world}/prompts.txt", f"paths.output_dir={world}/precompute"))
+                                    f"prompts={world}/prompts.txt", f"paths.output_dir={world}/precompute"))["index"]
     return out, index
 
 
