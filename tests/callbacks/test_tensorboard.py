@@ -54,6 +54,30 @@ def test_video_grid_is_padded_upscaled_and_in_rows() -> None:
     assert (grid[:, 68:132, 2:66] == 160).all() and (grid[:, 68:132, 68:] == 224).all()  # 5th video, then blank
 
 
+def test_real_scale_videos_are_area_downscaled_before_the_grid() -> None:
+    """Wan's 480 x 832 clips go in at 74 x 128 (long side MAX_SIDE, aspect kept), each pixel the mean of its area;
+    the toy's 16 px clips keep being upscaled (above)."""
+    from tmd_lightning.callbacks.videos import MAX_SIDE, fit_size
+
+    g = torch.Generator().manual_seed(0)
+    videos = torch.randint(0, 256, (3, 2, 480, 832, 3), generator=g, dtype=torch.uint8)
+    small = fit_size(videos)
+    assert MAX_SIDE == 128 and small.shape == (3, 2, 74, 128, 3) and small.dtype == torch.uint8
+    flat = torch.zeros(1, 1, 480, 832, 3, dtype=torch.uint8)
+    flat[..., :240, :, 0] = 200  # top half red: the downscaled frame keeps it there, blended only on the border row
+    out = fit_size(flat)[0, 0]
+    assert (out[:36, :, 0] == 200).all() and (out[38:, :, 0] == 0).all()
+    exact = torch.arange(4 * 8, dtype=torch.float32).view(1, 1, 4, 8, 1).expand(1, 1, 4, 8, 3)
+    halved = fit_size(exact.to(torch.uint8), max_side=4)[0, 0, ..., 0]  # 2 x 2 blocks averaged (and rounded)
+    torch.testing.assert_close(halved.float(), torch.nn.functional.avg_pool2d(exact[0, 0, ..., 0][None], 2)[0]
+                               .round(), atol=0, rtol=0)
+    grid = video_grid(videos, columns=4, pad=2)
+    assert grid.shape == (2, 2 + 74 + 2, 2 + 3 * (128 + 2), 3)
+    assert torch.equal(grid[:, 2:76, 2:130], small[0])
+    toy = torch.zeros(1, 2, 16, 16, 3, dtype=torch.uint8)
+    assert fit_size(toy).shape == (1, 2, 64, 64, 3) and fit_size(toy, max_side=8).shape == (1, 2, 8, 8, 3)
+
+
 def test_log_videos_writes_one_grid_and_a_legend(tmp_path: Path) -> None:
     pytest.importorskip("moviepy.editor")
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
