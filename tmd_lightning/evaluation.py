@@ -3,6 +3,7 @@ the toy study share (kept out of the entry points, which nothing imports)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 from pathlib import Path
@@ -21,16 +22,18 @@ from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 
-def resolve_prompts(prompts: Any) -> list[str]:
-    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line; a list -> itself. No prompt at all is
-    an error: there would be nothing to sample or score."""
+def resolve_prompts(prompts: Any, caption_column: str = "caption") -> list[str]:
+    """"toy" -> the 48 toy captions; a path -> one prompt per non-empty line, or, for a `.csv` file, the non-empty
+    values of its `caption_column` (a manifest's captions); a list -> itself. No prompt at all is an error: there
+    would be nothing to sample or score."""
     if isinstance(prompts, str):
         if prompts == "toy":
             return all_captions()
         path = Path(prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file not found: {path} (use prompts=toy or a list)")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = _csv_captions(path, caption_column) if path.suffix.lower() == ".csv" else \
+            [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"prompts={path}: the file holds no prompts; write one prompt per line, or use "
                              "prompts=toy or prompts=[...]")
@@ -39,6 +42,15 @@ def resolve_prompts(prompts: Any) -> list[str]:
     if not out or any(not p.strip() for p in out):
         raise ValueError("prompts must be non-empty strings")
     return out
+
+
+def _csv_captions(path: Path, column: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"prompts={path}: no column {column!r} in its header {reader.fieldnames} (set the "
+                             "caption column)")
+        return [row[column].strip() for row in reader if (row[column] or "").strip()]
 
 
 def toy_reference(cfg: DictConfig) -> Path | None:

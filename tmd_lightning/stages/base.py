@@ -91,11 +91,17 @@ class VideoStage(L.LightningModule):
     def generate(self, captions: list[str], seeds: list[int], num_frames: int, height: int, width: int,
                  **sampler: Any) -> torch.Tensor:
         """uint8 videos (B, F, H, W, 3) for (caption, seed) pairs; each stage supplies `sample_latents`."""
+        latents = self.generate_latents(captions, seeds, num_frames, height, width, **sampler)
+        with torch.no_grad():
+            return self.codec.decode(latents)
+
+    def generate_latents(self, captions: list[str], seeds: list[int], num_frames: int, height: int, width: int,
+                         **sampler: Any) -> torch.Tensor:
+        """The latents `generate` decodes (the codec's normalised space, what a cache stores)."""
         noise = self.initial_noise(seeds, self.latent_shape(num_frames, height, width))
         with torch.no_grad():
             text = self.text_encoder(captions)
-            latents = self.sample_latents(noise, text, seeds=seeds, **self.sampler_options(**sampler))
-            return self.codec.decode(latents)
+            return self.sample_latents(noise, text, seeds=seeds, **self.sampler_options(**sampler))
 
     sampler_defaults: dict[str, Any] = {}
 
