@@ -182,6 +182,35 @@ def fit_kw(kind: str, steps: int) -> dict[str, Any]:
     return {"max_steps": steps} if kind == "adapt_head" else {"max_steps": -1}
 
 
+# -- evaluation split across ranks -------------------------------------------------------------------------------------
+EVAL_PROMPTS = 3  # x 3 seeds = 9 items: rank 0 takes 5 (batches of 2, 2, 1), rank 1 4 (2, 2 and a padding call)
+EVAL_SAMPLER = {"M": 2, "N": 2}
+
+
+def eval_probe() -> Any:
+    """A toy evaluation over 3 prompts x 3 seeds that keeps what it scored."""
+    from tmd_lightning.callbacks import ToyEvalCallback
+
+    class Probe(ToyEvalCallback):
+        def prompts(self, trainer: L.Trainer) -> list[str]:
+            return all_captions()[:EVAL_PROMPTS]
+
+        def score(self, trainer: L.Trainer, videos: torch.Tensor, captions: list[str]) -> dict[str, float]:
+            self.videos = videos.clone()
+            return super().score(trainer, videos, captions)
+
+        def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+            self.last = super().evaluate(trainer, pl_module)
+            return self.last
+
+    return Probe(every_n_steps=1, seeds=(0, 1, 2), sampler=EVAL_SAMPLER, batch_size=2, at_train_end=False)
+
+
+def eval_stage(encoder: nn.Module) -> L.LightningModule:
+    """A Stage-1 student whose one training step changes nothing (lr 0): the evaluation sees its initial weights."""
+    return make_stage("adapt_head", encoder, optimizer=partial(torch.optim.SGD, lr=0.0))
+
+
 # -- the worker --------------------------------------------------------------------------------------------------------
 def strategy_from_config(name: str) -> Any:
     """The strategy block of configs/trainer/<name>.yaml, as `python -m tmd_lightning.fit trainer=<name>` builds it."""
@@ -289,6 +318,24 @@ class Worker:
                   {"state": full_state(stage, NETWORKS["tmd"]), "batches": gather(recorder.batches),
                    "losses": gather(recorder.steps), "reductions": gather(counter.per_batch),
                    "global_step": tr.global_step, "iteration": stage.iteration})
+
+    def evaluate(self, strategy_name: str) -> None:
+        """The toy evaluation after one (no-op) step: rank r samples items r, r + 2, ... and rank 0 scores."""
+        L.seed_everything(BASE_SEED, verbose=False)
+        stage = eval_stage(self.encoder)
+        calls: list[int] = []
+        generate = stage.generate
+
+        def counted(captions: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append(len(captions))
+            return generate(captions, *args, **kwargs)
+
+        stage.generate = counted
+        probe = eval_probe()
+        tr = trainer(self.out / "runs", strategy_from_config(strategy_name), devices=2, callbacks=[probe], max_steps=1)
+        tr.fit(stage, DataLoader(Videos(4), batch_size=2, shuffle=False), weights_only=False)
+        self.save(f"evaluate_{strategy_name}", {"metrics": gather(probe.last), "calls": gather(calls),
+                                                "videos": getattr(probe, "videos", None)})
 
     def stray_parameter(self) -> None:
         """A trainable parameter outside every network must stop an FSDP2 run at setup, naming it."""

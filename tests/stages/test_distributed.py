@@ -241,6 +241,31 @@ def test_fsdp_export_and_consolidated_checkpoint_equal_the_gathered_weights(runs
 
 
 @pytest.mark.slow
+def test_evaluation_split_across_two_ranks_equals_one_process(tmp_path, encoder):
+    """`SamplingEvalCallback` under DDP and FSDP2: 9 items (3 prompts x 3 seeds) split 5 / 4 in batches of 2, so both
+    ranks run 3 generate calls (rank 1's last one is padding: under FSDP2 both ranks must join every forward); rank 0
+    gathers the videos in order and scores them, both ranks return its numbers, equal to one process's."""
+    launch_two_ranks([sys.executable, str(WORKER), str(tmp_path), "evaluate_ddp", "evaluate_fsdp"], tmp_path)
+    L.seed_everything(W.BASE_SEED, verbose=False)
+    stage = W.eval_stage(encoder).eval()
+    probe = W.eval_probe()
+    single = SimpleNamespace(datamodule=None, loggers=[], callbacks=[], global_step=1, default_root_dir=str(tmp_path))
+    with one_thread():
+        reference = probe.evaluate(single, stage)
+    assert probe.videos.shape[0] == 9
+    for strategy in ("ddp", "fsdp"):
+        run = _load(tmp_path, f"evaluate_{strategy}")
+        assert run["calls"] == [[2, 2, 1], [2, 2, 1]], strategy  # rank 1: 2 + 2 items, then 1 of padding
+        assert run["metrics"][0] == run["metrics"][1], strategy  # rank 1 holds rank 0's numbers
+        assert (run["videos"].int() - probe.videos.int()).abs().max() <= 1, strategy  # same videos, same order
+        metrics = run["metrics"][0]
+        assert metrics.keys() == reference.keys()
+        for k, v in reference.items():
+            if k != "toy/seconds_per_video":
+                assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-4), (strategy, k)
+
+
+@pytest.mark.slow
 def test_a_trainable_parameter_outside_every_network_stops_fsdp_at_setup(runs):
     message = _load(runs, "stray_parameter")["message"]
     assert message is not None and "stray_scale" in message and "no FSDP unit" in message

@@ -3,6 +3,10 @@
 Subclasses choose the prompts and compute the numbers (`score`); metric networks (I3D, CLIP) live in the callback,
 never in the LightningModule's state. Every evaluation also logs collapse diagnostics — motion, seed diversity and
 colour saturation — beside the same figures for real videos, so a DMD collapse shows at the step it starts.
+
+Under DDP / FSDP2 the ranks share the sampling: rank r takes items r, r + W, ... (with as many batches on every rank,
+which FSDP2 needs), rank 0 gathers the videos in order, scores, logs and writes, and every rank returns its numbers;
+videos depend only on their (prompt, seed), so the figures equal a single process's.
 """
 
 from __future__ import annotations
@@ -30,6 +34,45 @@ def diagnostics(videos: torch.Tensor, prompt_ids: list[Any]) -> dict[str, float]
     if len(set(prompt_ids)) < len(prompt_ids):
         out["diversity"] = float(seed_diversity(videos, prompt_ids))
     return out
+
+
+def rank_items(n: int, rank: int, world_size: int, batch_size: int) -> tuple[list[int], list[list[int]]]:
+    """Rank `rank`'s items `rank, rank + world_size, ...` of `n`, and its batches as positions in that list: every
+    rank gets as many batches as the rank with most items (positions past its own items are padding), since under
+    FSDP2 every rank must join every forward of a sharded network."""
+    mine = list(range(rank, n, world_size))
+    most = -(-n // world_size)
+    return mine, [list(range(i, min(i + batch_size, most))) for i in range(0, most, batch_size)]
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_items(local: torch.Tensor, mine: list[int], n: int, world_size: int) -> torch.Tensor | None:
+    """Every rank's `local` videos (its items `mine`) gathered on rank 0 into the items' order (CPU tensors through
+    `gather_object`, any backend); None on the other ranks; `local` itself when there is one process."""
+    if not _distributed(world_size):
+        return local
+    rank = torch.distributed.get_rank()
+    parts: list | None = [None] * world_size if rank == 0 else None
+    torch.distributed.gather_object((mine, local), parts, dst=0)
+    if rank != 0:
+        return None
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for items, videos in parts:
+        if items:
+            out[items] = videos
+    return out
+
+
+def share_metrics(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Rank 0's metrics on every rank (the others sampled but did not score)."""
+    if not _distributed(world_size):
+        return metrics
+    box = [metrics]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class SamplingEvalCallback(L.Callback):
@@ -91,18 +134,28 @@ class SamplingEvalCallback(L.Callback):
     # -- the shared loop -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                 captions: list[str], seeds: list[int]) -> tuple[torch.Tensor, float]:
+                 captions: list[str], seeds: list[int]) -> tuple[torch.Tensor | None, float]:
+        """uint8 videos of every (caption, seed) and the wall-clock seconds per video. Under a multi-process strategy
+        the items are split across the ranks (`rank_items`), sampled, and gathered on rank 0 in the original order
+        (the other ranks get None); each video depends only on its (caption, seed), so the result equals one
+        process's."""
         ema = find_ema(trainer)
         was_training = pl_module.training
         pl_module.eval()
         start = time.perf_counter()
+        rank, world = getattr(trainer, "global_rank", 0), getattr(trainer, "world_size", 1)
+        mine, batches = rank_items(len(captions), rank, world, self.batch_size)
         videos = []
         with ema.swapped(pl_module) if ema else nullcontext():
-            for i in range(0, len(captions), self.batch_size):
-                videos.append(pl_module.generate(captions[i : i + self.batch_size], seeds[i : i + self.batch_size],
-                                                 *self.shape, **self.sampler).cpu())
+            for batch in batches:  # every rank runs as many batches (FSDP2: each forward gathers sharded weights)
+                items = [mine[i] if i < len(mine) else 0 for i in batch]  # padding re-samples item 0, discarded
+                out = pl_module.generate([captions[i] for i in items], [seeds[i] for i in items], *self.shape,
+                                         **self.sampler).cpu()
+                videos.append(out[: max(0, min(len(batch), len(mine) - batch[0]))])
         pl_module.train(was_training)
-        return torch.cat(videos), (time.perf_counter() - start) / len(captions)
+        local = torch.cat(videos) if videos else torch.zeros(0, dtype=torch.uint8)
+        gathered = gather_items(local, mine, len(captions), world)
+        return gathered, (time.perf_counter() - start) / len(captions)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         prompts = self.prompts(trainer)
@@ -111,6 +164,9 @@ class SamplingEvalCallback(L.Callback):
         log.info("%s eval at step %d: sampling %d videos (%d prompts x %d seeds)", self.prefix, trainer.global_step,
                  len(captions), len(prompts), len(self.seeds))
         videos, seconds = self.generate(trainer, pl_module, captions, seeds)
+        world = getattr(trainer, "world_size", 1)
+        if videos is None:  # rank 0 scores, logs and writes; the others get its numbers
+            return share_metrics({}, world)
         metrics = {f"{self.prefix}/{k}": v for k, v in self.score(trainer, videos, captions).items()}
         metrics |= {f"diagnostics/{k}": v for k, v in diagnostics(videos, captions).items()}
         metrics |= {f"diagnostics/{k}_real": v for k, v in self._real_reference(trainer).items()}
@@ -122,10 +178,9 @@ class SamplingEvalCallback(L.Callback):
         shown = list(range(len(videos)))[:: max(1, len(videos) // self.num_videos_logged)][: self.num_videos_logged]
         log_videos(trainer, f"{self.prefix}/samples", videos[shown], step,
                    labels=[f"{captions[i]} (seed {seeds[i]})" for i in shown])
-        if getattr(trainer, "is_global_zero", True):  # every rank samples (FSDP2 needs all of them); one writes
-            self._append_csv(trainer, step, metrics)
+        self._append_csv(trainer, step, metrics)  # on rank 0 only: the others returned above
         log.info("%s eval at step %d: %s", self.prefix, step, {k: round(v, 4) for k, v in metrics.items()})
-        return metrics
+        return share_metrics(metrics, world)
 
     def _real_reference(self, trainer: L.Trainer) -> dict[str, float]:
         if self._real_diagnostics is None:
@@ -135,6 +190,7 @@ class SamplingEvalCallback(L.Callback):
 
     def _append_csv(self, trainer: L.Trainer, step: int, metrics: dict[str, float]) -> None:
         path = Path(trainer.default_root_dir) / f"{self.prefix}_eval.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["step", *metrics])

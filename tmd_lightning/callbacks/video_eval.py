@@ -32,13 +32,14 @@ class VideoEvalCallback(SamplingEvalCallback):
                  clip_model: str | None = None, num_real: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prompt_file, self.num_prompts, self.num_real = prompts, num_prompts, num_real
-        self.fvd = FrechetVideoDistance(I3DFeatures(fvd_detector)) if fvd_detector else None
+        # rank 0 scores every video alone (SamplingEvalCallback gathers them): the metrics sync nothing across ranks
+        self.fvd = FrechetVideoDistance(I3DFeatures(fvd_detector), sync_on_compute=False) if fvd_detector else None
         self._fvd_real: dict[str, torch.Tensor] | None = None
         self.clip = None
         if clip_model:
             from tmd_lightning.metrics.clip_score import VideoCLIPScore
 
-            self.clip = VideoCLIPScore(clip_model)
+            self.clip = VideoCLIPScore(clip_model, sync_on_compute=False)
 
     @property
     def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
