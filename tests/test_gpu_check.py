@@ -19,7 +19,8 @@ def test_gpu_check_tiny_passes_on_cpu() -> None:
                           capture_output=True, text=True, timeout=120)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
-    for title in ("(a) 2-process FSDP2 tests on NCCL", "(b) sampling speed", "(c) one Stage-1 step", "(d) Stage-1 du/ds"):
+    for title in ("(a) 2-process FSDP2 tests on NCCL", "(b) sampling speed", "(c) one Stage-1 step",
+                  "(d) Stage-1 du/ds"):
         assert f"## {title}" in out
     assert "skipped: 0 GPU(s) visible (--tiny)" in out
     assert "| teacher Euler | 50 x 2 (CFG 5) | 100.00 |" in out and "| TMD | M=1 N=4 |" in out
