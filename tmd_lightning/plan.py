@@ -12,7 +12,9 @@ Byte conventions. Lightning's `bf16-mixed` keeps trainable parameters in float32
 second copy), gradients in float32 and AdamW's two moments in float32 (16 bytes per trainable parameter, plus a
 4-byte `step` per parameter tensor), and runs the forward under bf16 autocast. The frozen teacher is held in
 `frozen_dtype` (bf16). FSDP divides parameters, gradients, optimizer states and the teacher by the world size; DDP
-replicates everything.
+replicates everything. Under FSDP2 with `fsdp_param_dtype=bfloat16` (the `MixedPrecisionPolicy` that trainer=fsdp
+applies) the float32 master shards are gathered in bf16, so autocast copies nothing (Stage 1's float32 head blocks
+excepted). `experiment=wan_*` plans the run an experiment composes; every plan ends with a verdict per GPU size.
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ FSDP2 layout (`fully_shard`), decided per network of the stage (its registered c
 - a frozen network (the teacher) keeps its small non-block weights unsharded on every rank: they need no gradient
   reduction, and `block_features` calls them outside `forward`;
 - frozen encoders without Wan blocks (codec, text encoder) are left alone (replicated);
-- 0-d parameters (the fusion gate α), which FSDP2 cannot shard, become 1-element vectors (state dicts keep them 0-d).
+- 0-d parameters (the fusion gate α), which FSDP2 cannot shard, become 1-element vectors (state dicts keep them 0-d);
+- under bf16-mixed, trainable networks gather their float32 shards in bf16 (`MixedPrecisionPolicy`, see
+  `shard_stage`): every parameter of a unit, so also the float32 modules diffusers keeps (norm weights, modulation
+  tables, time embedder) arrive rounded to bf16; their computations still run in float32 (Wan upcasts there), as
+  Linear layers already ran in bf16 under autocast. Units a stage lists in `full_precision_modules` gather float32;
+- networks built on the meta device (ranks > 0, `models/rank0.py`) get memory for their shards only and receive
+  global rank 0's weights after sharding (`state_for_broadcast` / `load_from_rank0`).
 Calls of a sharded network are collectives, so calls that depend on the data (Stage 1's CFG and finite-difference
 passes on some rows) go through `rows_to_run`, which keeps every rank making the same calls.
 """
