@@ -319,3 +319,70 @@ def test_model_configs_hold_the_paper_values(tmp_path: Path) -> None:
     if "lora" in distill:  # the plan's LoRA column is stage.lora
         plan_lora = _cfg(tmp_path).lora
         assert {k: distill.lora[k] for k in plan_lora} == dict(plan_lora)
+
+
+# -- FSDP2 with the bf16 MixedPrecisionPolicy (stages/parallel.py), verdicts, experiment=wan_* -------------------------
+D14, F14, L14, H = 5120, 13824, 40, 5
+# one Wan 14B block by hand: 8 attention Linear, q/k norms, FFN, affine norm2, scale_shift_table
+BLOCK14 = 8 * D14 * D14 + 8 * D14 + 4 * D14 + 2 * D14 * F14 + F14 + D14 + 2 * D14 + 6 * D14
+BLOCK14_LINEAR = 8 * (D14 * D14 + D14) + (D14 * F14 + F14) + (F14 * D14 + D14)  # its 8 attention + 2 FFN Linear layers
+
+
+def _fsdp14(tmp_path: Path, *overrides: str) -> dict:
+    return P.plan(_cfg(tmp_path, "model=wan2.1_t2v_14b", "trainer=fsdp", "trainer.devices=8", "encoders_on_gpu=false",
+                       *overrides))
+
+
+def test_fsdp_bf16_policy_gathers_and_copies_match_hand_computation(tmp_path: Path) -> None:
+    bf16, fp32 = _fsdp14(tmp_path), _fsdp14(tmp_path, "fsdp_param_dtype=null")
+    c = bf16["counts"]
+    assert c["teacher"].block == BLOCK14 and c["teacher"].block_linear == BLOCK14_LINEAR and c["teacher"].blocks == L14
+    gathers = "DDP buckets / FSDP gathers"
+    # bf16: 2 gathered bf16 blocks + the bf16 unsharded gradient + its float32 copy for the reduce-scatter
+    assert bf16["memory"][("distill", "full")][gathers] == BLOCK14 * (2 * 2 + 2 + 4)
+    assert fp32["memory"][("distill", "full")][gathers] == BLOCK14 * (2 * 4 + 4)  # float32 gathers and gradient
+    # Stage 1 gathers its head blocks in float32 (fd_full_precision): the float32 figure
+    assert bf16["memory"][("adapt_head", "full")][gathers] == BLOCK14 * 12
+    copies = "autocast bf16 weight copies"
+    s, t, d = c["student"], c["teacher"], c["discriminator"]
+    assert bf16["memory"][("distill", "full")][copies] == 0  # bf16 gathered weights: nothing for autocast to copy
+    assert fp32["memory"][("distill", "full")][copies] == 2 * max(s.linear + d.linear, t.linear + d.linear)
+    # Stage 1: H float32 head blocks + the root unit's Linear weights (patch, text, time embedders, Δ, fusion, head)
+    root = s.linear - L14 * BLOCK14_LINEAR
+    assert bf16["memory"][("adapt_head", "full")][copies] == 2 * (H * BLOCK14_LINEAR + root)
+    assert fp32["memory"][("adapt_head", "full")][copies] == 2 * s.linear
+    # master weights stay float32 and sharded; the frozen teacher is bf16 and sharded
+    full = bf16["memory"][("distill", "full")]
+    assert full["trainable weights"] == (s.params + t.params + d.params) * 4 / 8
+    assert full["frozen weights (teacher, LoRA bases)"] == t.params * 2 / 8
+    for ckpt in ("total, checkpointing", "total, no checkpointing"):  # the totals differ by exactly those two rows
+        assert fp32["memory"][("distill", "full")][ckpt] - full[ckpt] == pytest.approx(
+            fp32["memory"][("distill", "full")][copies] + fp32["memory"][("distill", "full")][gathers]
+            - full[copies] - full[gathers])
+
+
+def test_verdicts_per_gpu_size(tmp_path: Path) -> None:
+    result = _fsdp14(tmp_path)
+    rows = {(r["stage"], r["mode"]): r for r in result["verdicts"]}
+    need = result["memory"][("distill", "full")]["total, checkpointing"]
+    assert rows[("distill", "full")]["need"] == need and 79.6 * P.GIB < need <= 140.4 * P.GIB
+    assert rows[("distill", "full")]["fits"] == {"80 GB": False, "141 GB": True}
+    assert not rows[("distill", "LoRA fake")]["supported"] and rows[("adapt_head", "full")]["supported"]
+    table = P.verdict_table(result["verdicts"], _cfg(tmp_path), result["setup"], True)
+    assert "| 80 GB (79.6 GiB) | 141 GB (140.4 GiB) |" in table and "LoRA is refused under FSDP2" in table
+    assert "- 141 GB: fits adapt_head full, distill full, distill_dmd2 full" in table
+
+
+@pytest.mark.parametrize("experiment,stage", [("wan_adapt_head", "adapt_head"), ("wan_distill", "distill"),
+                                              ("wan_distill_dmd2", "distill_dmd2")])
+def test_experiment_plans_its_own_stage_from_the_fit_config(tmp_path: Path, capsys, experiment: str,
+                                                            stage: str) -> None:
+    cfg = P.experiment_config([f"experiment={experiment}", "model=wan2.1_t2v_14b", "trainer=fsdp",
+                               "trainer.devices=8", f"output_dir={tmp_path}/out"])
+    assert (cfg.plan_stage, cfg.activation_checkpointing, cfg.encoders_on_gpu) == (stage, True, False)
+    assert cfg.fsdp_param_dtype == "bfloat16" and cfg.micro_batch == 1 and cfg.video.num_frames == 81
+    result = P.run(cfg)
+    assert {col[0] for col in result["memory"]} == {stage}
+    out = capsys.readouterr().out
+    assert f"experiment={experiment}" in out and "## Verdict per GPU size" in out
+    assert (tmp_path / "out" / "plan.md").is_file()

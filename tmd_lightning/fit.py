@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.guards import apply_accumulation, check_config
+from tmd_lightning.guards import apply_accumulation, check_config, is_fsdp
+from tmd_lightning.models.rank0 import rank0_weights
 from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
@@ -125,6 +126,13 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, callbacks: list[Any]) -> di
     return params
 
 
+def meta_init(cfg: DictConfig) -> bool:
+    """Whether ranks > 0 build the stage's networks on the meta device: FSDP2 runs (`trainer=fsdp`) with the
+    strategy's `meta_init` (true by default)."""
+    spec = cfg.trainer.get("strategy")
+    return is_fsdp(cfg) and isinstance(spec, DictConfig) and bool(spec.get("meta_init", True))
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Fits one stage from a composed config; returns the trainer's final metrics and output paths."""
     check_config(cfg)  # one-line errors for what the config shows to be wrong, before any weight is loaded
@@ -135,7 +143,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    stage = instantiate(cfg.stage)
+    with rank0_weights(meta_init(cfg)):  # FSDP2: ranks > 0 build the networks on meta (models/rank0.py)
+        stage = instantiate(cfg.stage)
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = without_lr_monitor(_instantiate_all(cfg.get("callbacks")), loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

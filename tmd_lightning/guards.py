@@ -159,7 +159,10 @@ def plan_config(cfg: DictConfig) -> DictConfig:
         "discriminator_hidden_dim": width if width is not None else cfg.model.disc_width,
         "use_gan": bool(stage.get("use_gan", True)),
         "encoders_on_gpu": "Cached" not in str(cfg.data.get("_target_", "")),
-        "autocast_weight_cache": base.autocast_weight_cache, "fsdp_param_dtype": base.fsdp_param_dtype,
+        "autocast_weight_cache": base.autocast_weight_cache,
+        "fsdp_param_dtype": (trainer.strategy.get("param_dtype", base.fsdp_param_dtype)
+                             if isinstance(trainer.get("strategy"), DictConfig) else base.fsdp_param_dtype),
+        "fd_full_precision": bool(stage.get("fd_full_precision", True)),
         "lora": {k: (stage.lora if "lora" in stage else base.lora)[k] for k in base.lora},
     })
     if stage.get("M") is not None:  # the stage's own M / N where the command line set them there

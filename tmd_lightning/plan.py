@@ -12,12 +12,16 @@ Byte conventions. Lightning's `bf16-mixed` keeps trainable parameters in float32
 second copy), gradients in float32 and AdamW's two moments in float32 (16 bytes per trainable parameter, plus a
 4-byte `step` per parameter tensor), and runs the forward under bf16 autocast. The frozen teacher is held in
 `frozen_dtype` (bf16). FSDP divides parameters, gradients, optimizer states and the teacher by the world size; DDP
-replicates everything.
+replicates everything. Under FSDP2 with `fsdp_param_dtype=bfloat16` (the `MixedPrecisionPolicy` that trainer=fsdp
+applies) the float32 master shards are gathered in bf16, so autocast copies nothing (Stage 1's float32 head blocks
+excepted). `experiment=wan_*` plans the run an experiment composes; every plan ends with a verdict per GPU size.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -118,6 +122,8 @@ class Counts:
     host_tensors: int
     host_linear: int
     block: int  # parameters of the largest Wan block (FSDP's unit); 0 outside Wan
+    block_linear: int = 0  # Linear parameters of the largest Wan block (autocast copies of one block)
+    blocks: int = 0  # Wan blocks of the network (L)
 
 
 def numel(params: Iterable[nn.Parameter]) -> int:
@@ -148,7 +154,9 @@ def count(network: nn.Module, rank: int, targets: Iterable[str]) -> Counts:
                   linear=linear_params(network), lora=sum(rank * (m.in_features + m.out_features) for m in adapted),
                   lora_tensors=2 * len(adapted), host=numel(host.parameters()),
                   host_tensors=len(list(host.parameters())), host_linear=linear_params(host),
-                  block=max((numel(b.parameters()) for b in blocks), default=0) if blocks is not None else 0)
+                  block=max((numel(b.parameters()) for b in blocks), default=0) if blocks is not None else 0,
+                  block_linear=max((linear_params(b) for b in blocks), default=0) if blocks is not None else 0,
+                  blocks=len(blocks) if blocks is not None else 0)
 
 
 def count_all(networks: dict[str, nn.Module], lora_cfg: DictConfig) -> dict[str, Counts]:
@@ -452,7 +460,7 @@ def static_rows(stage: str, mode: str, c: dict[str, Counts], setup: Setup, cfg: 
         "text encoder + VAE": float(sum(m.frozen * m.frozen_bytes for m in nets if not m.shard)),
         "gradients": per_gpu(trainable * p.param),
         "AdamW states": per_gpu(2 * trainable * p.param + 4 * tensors),
-        "DDP buckets / FSDP gathers": strategy_buffers(c, setup, cfg, trainable),
+        "DDP buckets / FSDP gathers": strategy_buffers(c, setup, cfg, trainable, stage),
     }
 
 
@@ -480,28 +488,56 @@ def stage_memory(stage: str, mode: str, c: dict[str, Counts], s: Sizes, setup: S
     return rows
 
 
-def strategy_buffers(c: dict[str, Counts], setup: Setup, cfg: DictConfig, trainable: int) -> float:
+def mixed_policy(setup: Setup, cfg: DictConfig) -> bool:
+    """Whether FSDP2 gathers trainable weights in bf16 (`MixedPrecisionPolicy(param_dtype=bf16)`): trainer=fsdp on
+    more than one GPU under bf16-mixed with `fsdp_param_dtype` set (FSDP2Strategy's `param_dtype`, the default)."""
+    return (setup.strategy == "fsdp" and setup.world > 1 and setup.precision.autocast
+            and bool(cfg.get("fsdp_param_dtype")))
+
+
+def full_precision_head(stage: str, cfg: DictConfig) -> bool:
+    """Stage 1 with `fd_full_precision`: under the bf16 policy its head blocks and root unit still gather float32
+    (the finite-difference passes run with autocast off; `AdaptHeadStage.full_precision_modules`)."""
+    return stage == "adapt_head" and bool(cfg.get("fd_full_precision", True))
+
+
+def strategy_buffers(c: dict[str, Counts], setup: Setup, cfg: DictConfig, trainable: int,
+                     stage: str = "distill") -> float:
     """DDP: a second gradient copy in its buckets (unless gradient_as_bucket_view). FSDP: the unsharded blocks in
-    flight, 2 gathered parameter blocks (current + prefetched) and 1 unsharded gradient block."""
+    flight of the largest Wan block: 2 gathered parameter blocks (current + prefetched) and its unsharded gradient
+    (float32: 4 + 4 x 2 = 12 bytes per block parameter). With the bf16 policy: 2 bf16 gathered blocks, the bf16
+    unsharded gradient and its float32 copy for the float32 reduce-scatter (2 x 2 + 2 + 4 = 10 bytes), or 12 when
+    Stage 1 gathers its head blocks in float32."""
     if setup.world <= 1 or setup.strategy == "single":
         return 0.0
     if setup.strategy == "ddp":
         return 0.0 if setup.bucket_view else float(trainable * setup.precision.param)
-    gather = dtype_bytes(cfg.fsdp_param_dtype) if cfg.get("fsdp_param_dtype") else setup.precision.param
     block = c["teacher"].block
-    return float(2 * block * gather + block * setup.precision.param)
+    if mixed_policy(setup, cfg):
+        gather = dtype_bytes(cfg.fsdp_param_dtype)
+        per_param = 2 * gather + gather + 4
+        if full_precision_head(stage, cfg):
+            per_param = max(per_param, 3 * setup.precision.param)
+        return float(block * per_param)
+    return float(2 * block * setup.precision.param + block * setup.precision.param)
 
 
 def weight_copies(c: dict[str, Counts], it: Iteration, setup: Setup, cfg: DictConfig, stage: str) -> float:
     """bf16-mixed: autocast caches a bf16 copy of every trainable float32 weight it casts until the step's autocast
-    region ends (Lightning's training step), for the networks one iteration runs with gradients. Under FSDP they
-    are copies of the gathered (unsharded) blocks, unless `fsdp_param_dtype` gathers bf16 blocks directly."""
+    region ends (Lightning's training step), for the networks one iteration runs with gradients. Under FSDP with
+    float32 gathers (`fsdp_param_dtype=null`) they are copies of the gathered (unsharded) blocks; with the bf16
+    policy the gathered weights are bf16 already and autocast copies nothing, except Stage 1's float32 head blocks
+    and root unit (`full_precision_head`): H blocks' and the non-block Linear weights."""
     if not (setup.precision.autocast and cfg.autocast_weight_cache):
-        return 0.0
-    if setup.strategy == "fsdp" and setup.world > 1 and cfg.get("fsdp_param_dtype"):
         return 0.0
     linear = {"student": (c["student"] if stage != "distill_dmd2" else c["teacher"]).linear,
               "fake score": c["teacher"].linear, "discriminator": c["discriminator"].linear}
+    if mixed_policy(setup, cfg):
+        if not (full_precision_head(stage, cfg) and "student" in it.grad_networks):
+            return 0.0
+        s = c["student"]
+        root = s.linear - s.blocks * s.block_linear
+        return float(2 * (int(cfg.tmd.H) * s.block_linear + root))
     return float(2 * sum(linear[n] for n in it.grad_networks))
 
 
@@ -636,24 +672,76 @@ def summary_lines(cfg: DictConfig, s: Sizes, setup: Setup) -> list[str]:
     return lines
 
 
+def columns(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The (stage, mode) columns to plan: all of them, or the stage of `experiment=...` (`plan_stage`)."""
+    stage = cfg.get("plan_stage")
+    return [col for col in COLUMNS if stage is None or col[0] == stage]
+
+
+def verdicts(mem: dict[tuple[str, str], dict[str, float]], setup: Setup, cfg: DictConfig,
+             checkpointing: bool = True) -> list[dict[str, Any]]:
+    """Per column and GPU size of `verdict_gpus`: the per-GPU total (with or without activation checkpointing) and
+    whether it fits; LoRA columns under FSDP2 are marked unsupported (the setup guard refuses them)."""
+    key = "total, checkpointing" if checkpointing else "total, no checkpointing"
+    rows = []
+    for (stage, mode), items in mem.items():
+        need = items[key]
+        row = {"stage": stage, "mode": mode, "need": need, "fits": {}, "supported": True}
+        if mode != "full" and setup.strategy == "fsdp" and setup.world > 1:
+            row["supported"] = False
+        for gpu in cfg.verdict_gpus:
+            row["fits"][str(gpu.name)] = need <= float(gpu.gib) * GIB
+        rows.append(row)
+    return rows
+
+
+def verdict_table(rows: list[dict[str, Any]], cfg: DictConfig, setup: Setup, checkpointing: bool) -> str:
+    """Markdown: one row per column, one verdict per GPU size (fits, with the spare or missing GiB)."""
+    gpus = list(cfg.verdict_gpus)
+    head = "| stage, mode | per GPU | " + " | ".join(f"{g.name} ({g.gib:g} GiB)" for g in gpus) + " |"
+    lines = [head, "|---|---:|" + "---|" * len(gpus)]
+    for r in rows:
+        cells = []
+        for g in gpus:
+            spare = float(g.gib) - r["need"] / GIB
+            cell = f"fits ({spare:.1f} GiB spare)" if spare >= 0 else f"does not fit ({-spare:.1f} GiB over)"
+            cells.append(cell if r["supported"] else f"{cell}; LoRA is refused under FSDP2 (trainer=ddp)")
+        lines.append(f"| {r['stage']} {r['mode']} | {gib(r['need'])} GiB | " + " | ".join(cells) + " |")
+    where = f"{setup.strategy} on {setup.world} GPU(s)"
+    lines.append("")
+    lines.append(f"Verdict ({where}, micro-batch {cfg.micro_batch}, activation checkpointing "
+                 f"{'on' if checkpointing else 'off'}, encoders {'on' if cfg.encoders_on_gpu else 'off'} the GPU):")
+    for g in gpus:
+        ok = [f"{r['stage']} {r['mode']}" for r in rows if r["supported"] and r["fits"][str(g.name)]]
+        too_big = [f"{r['stage']} {r['mode']}" for r in rows if r["supported"] and not r["fits"][str(g.name)]]
+        text = f"fits {', '.join(ok)}" if ok else "nothing fits"
+        lines.append(f"- {g.name}: {text}" + (f"; does not fit {', '.join(too_big)}" if ok and too_big else ""))
+    return "\n".join(lines)
+
+
 def plan(cfg: DictConfig) -> dict[str, Any]:
     """Counts and per-GPU memory of every (stage, mode) column, without printing."""
     networks = build_networks(cfg)
     counts = count_all(networks, cfg.lora)
     s = sizes(cfg, networks["codec"], wan_architecture(cfg.model))
     setup = make_setup(cfg)
-    mem = {col: stage_memory(*col, counts, s, setup, cfg) for col in COLUMNS}
-    return {"counts": counts, "sizes": s, "setup": setup, "memory": mem}
+    mem = {col: stage_memory(*col, counts, s, setup, cfg) for col in columns(cfg)}
+    ckpt = bool(cfg.get("activation_checkpointing", True))
+    return {"counts": counts, "sizes": s, "setup": setup, "memory": mem, "verdicts": verdicts(mem, setup, cfg, ckpt)}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prints the plan and writes it to `<output_dir>/plan.md`; returns what `plan` returns plus the Markdown."""
     result = plan(cfg)
     limit = float(cfg.gpu_memory_gib) * GIB
-    text = "\n".join([f"# Memory plan: {cfg.model.name}", "",
+    title = f"{cfg.model.name}" + (f", experiment={cfg.experiment}" if cfg.get("experiment") else "")
+    text = "\n".join([f"# Memory plan: {title}", "",
                       *[f"- {line}" for line in summary_lines(cfg, result["sizes"], result["setup"])], "",
                       "## Parameters", "", params_table(result["counts"], cfg, result["setup"]), "",
                       "## Per-GPU memory", "", memory_table(result["memory"], limit), "",
+                      "## Verdict per GPU size", "",
+                      verdict_table(result["verdicts"], cfg, result["setup"],
+                                    bool(cfg.get("activation_checkpointing", True))), "",
                       "Columns: stage and mode (full; LoRA fake = stage.lora.fake_score; LoRA both = + stage.lora."
                       "student). Totals: the static rows plus the weight copies and activations of the stage's "
                       "largest iteration kind, at the end of its forward (last step's gradients still allocated). "
@@ -665,9 +753,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result | {"markdown": text}
 
 
+# keys of configs/plan.yaml that the fit config does not have: given with experiment=..., they go to the plan
+PLAN_ONLY = ("strategy", "gpu_memory_gib", "micro_batch", "video", "frozen_dtype", "discriminator_hidden_dim",
+             "use_gan", "encoders_on_gpu", "autocast_weight_cache", "fsdp_param_dtype", "fd_full_precision",
+             "verdict_gpus", "output_dir", "lora", "hydra", "paths")
+
+
+def experiment_config(overrides: list[str]) -> DictConfig:
+    """The plan config of `python -m tmd_lightning.plan experiment=wan_* [overrides]`: the fit config the experiment
+    composes (with the overrides the fit config knows: model, trainer, stage, data, ...) turned into plan keys the way
+    the setup guard does (`guards.plan_config`: its stage, micro batch, clip size, cache, LoRA flags, the strategy's
+    param_dtype), its activation checkpointing and stage as the verdict's, then the plan-only overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from tmd_lightning.guards import PLAN_STAGES, plan_config
+
+    own = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in PLAN_ONLY]
+    fit = [o for o in overrides if o not in own]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        fit_cfg = compose("fit", overrides=fit)
+        base = compose("plan", overrides=[o for o in overrides if o.split("=")[0] in ("model", "trainer")] + own)
+    stage = PLAN_STAGES.get(str(fit_cfg.stage.get("_target_", "")))
+    if stage is None:
+        raise ValueError(f"experiment {fit_cfg.get('task_name')}: stage {fit_cfg.stage.get('_target_')} is not one the "
+                         f"plan models ({', '.join(PLAN_STAGES.values())})")
+    derived = plan_config(fit_cfg)
+    asked = {o.lstrip("+").split("=")[0] for o in own}
+    for key, value in derived.items():
+        if key not in asked and not any(a.startswith(f"{key}.") for a in asked):
+            OmegaConf.update(base, key, value, merge=False, force_add=True)
+    given = [o.split("=", 1)[1] for o in own if o.split("=")[0] in ("output_dir", "paths.output_dir")]
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    root = Path(os.environ.get("TMD_ROOT", Path.cwd()))
+    OmegaConf.set_struct(base, False)
+    base.output_dir = given[-1] if given else str(root / "logs" / "plan" / "runs" / stamp)
+    base.experiment = str(fit_cfg.get("task_name"))
+    base.plan_stage = stage
+    base.activation_checkpointing = bool(fit_cfg.stage.get("activation_checkpointing", False))
+    return base
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="plan")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """`python -m tmd_lightning.plan [overrides]`; with `experiment=wan_*`, the plan of that experiment's run."""
+    import sys
+
+    overrides = sys.argv[1:]
+    if any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        run(experiment_config([o.lstrip("+") if o.lstrip("+").startswith("experiment=") else o for o in overrides]))
+        return
+    _hydra_main()
 
 
 if __name__ == "__main__":

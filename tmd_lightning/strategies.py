@@ -44,17 +44,28 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: True writes a DCP folder (each rank its shards, no gathering); False gathers
             the full weights and optimizer states on rank 0 into one `.ckpt` file (slow and memory-hungry at 14B).
         process_group_backend: None picks nccl on GPU, gloo on CPU.
+        param_dtype: under `bf16-mixed`, the dtype FSDP2 gathers trainable weights in (`MixedPrecisionPolicy`:
+            float32 sharded master weights, bf16 all-gathers, float32 gradient reduction; stages/parallel.py);
+            None keeps float32 gathers cast by autocast (a bf16 copy of every gathered block until the step ends).
+        meta_init: `fit` builds the networks on the meta device on every rank but global rank 0, which alone reads
+            the weights; the shards are filled from rank 0 after sharding (`models/rank0.py`). False: every rank
+            loads the full weights.
     """
 
     def __init__(self, data_parallel_size: Literal["auto"] | int = "auto", tensor_parallel_size: int = 1,
                  save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 timeout: timedelta | None = default_pg_timeout) -> None:
+                 timeout: timedelta | None = default_pg_timeout, param_dtype: str | None = "bfloat16",
+                 meta_init: bool = True) -> None:
         if tensor_parallel_size != 1:
             raise ValueError("FSDP2Strategy shards data-parallel only; tensor_parallel_size must be 1 (the stages "
                              f"apply no tensor parallelism), got {tensor_parallel_size}")
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
+        if param_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"param_dtype must be bfloat16, float16, float32 or null, got {param_dtype!r}")
+        self.param_dtype = param_dtype
+        self.meta_init = meta_init
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":  # every rank is a data-parallel shard, not only one per node

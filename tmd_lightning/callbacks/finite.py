@@ -30,7 +30,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def all_finite(tensors: Iterable[torch.Tensor], max_abs: float = float("inf")) -> bool:
     """Whether every tensor (this rank's shard of a DTensor) is finite with |value| <= max_abs."""
-    tensors = [_local(t).detach() for t in tensors if t is not None and t.is_floating_point() and t.numel()]
+    tensors = [_local(t).detach() for t in tensors if t is not None and t.is_floating_point()]
+    tensors = [t for t in tensors if t.numel()]  # a rank's shard may be empty (a 1-element parameter on 2 ranks)
     if not tensors:
         return True
     peaks = torch.stack([t.abs().amax().float() for t in tensors])  # inf/NaN propagate through amax

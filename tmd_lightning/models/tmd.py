@@ -338,6 +338,11 @@ def build_student(teacher: str | None = None, teacher_config: dict[str, Any] | N
     """The student for a stage: a saved `TMDTransformer` folder (`pretrained`), else built from the teacher
     (a local diffusers folder `teacher`, or `teacher_config` for a random tiny one in tests)."""
     if pretrained is not None:
+        from tmd_lightning.models.rank0 import skip_weights
+
+        if skip_weights():  # FSDP2, rank > 0: shapes only; shard_stage fills the shards from rank 0
+            with torch.device("meta"):
+                return TMDTransformer.from_config(TMDTransformer.load_config(str(pretrained)))
         return TMDTransformer.from_pretrained(str(pretrained), local_files_only=True)
     from tmd_lightning.models.transformer import load_transformer
 

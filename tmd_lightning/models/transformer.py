@@ -10,6 +10,7 @@ from diffusers import WanTransformer3DModel
 
 from tmd_lightning.models.folders import local_folder, require_safetensors
 from tmd_lightning.models.precision import cast_model
+from tmd_lightning.models.rank0 import skip_weights
 
 PACKAGE_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOY_MODEL_DIR = PACKAGE_ASSETS / "toy_wan"
@@ -27,7 +28,12 @@ def load_transformer(
         dtype = getattr(torch, dtype)
     if pretrained is not None:
         path = local_folder(pretrained, "pretrained")
-        folder = require_safetensors(path / subfolder if subfolder and (path / subfolder).is_dir() else path)
+        folder = path / subfolder if subfolder and (path / subfolder).is_dir() else path
+        if skip_weights():  # FSDP2, rank > 0: shapes only; shard_stage fills the shards from rank 0
+            with torch.device("meta"):
+                model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(str(folder)))
+            return cast_model(model, dtype) if dtype != torch.float32 else model
+        folder = require_safetensors(folder)
         return WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
                                                      use_safetensors=True)
     if config is None:

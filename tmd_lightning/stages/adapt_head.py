@@ -72,6 +72,15 @@ class AdaptHeadStage(StudentStage):
         if not 0.0 < fd_delta < 0.5:
             raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
 
+    def full_precision_modules(self) -> list[nn.Module]:
+        """With `fd_full_precision` the finite-difference head passes run with autocast off in the weights' dtype:
+        under FSDP2 the student's head blocks and its root unit (fusion, Δ-embedder, output head) are then gathered in
+        float32, the backbone's blocks in bf16 (`stages/parallel.py`)."""
+        if not self.hparams.fd_full_precision:
+            return []
+        wan = self.student.wan
+        return [self.student, *wan.blocks[len(wan.blocks) - self.student.head_blocks:]]
+
     def tm_meanflow_loss(self, x: torch.Tensor, text: torch.Tensor,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The TM-MF loss of one batch of latents `x` and text embeddings; `generator` makes it deterministic."""

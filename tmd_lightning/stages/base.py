@@ -70,6 +70,11 @@ class VideoStage(L.LightningModule):
         """Activation checkpointing and the strategy's needs (FSDP2 sharding, DDP checks); see stages/parallel.py."""
         configure_parallel(self, self.activation_checkpointing)
 
+    def full_precision_modules(self) -> list[nn.Module]:
+        """Modules whose weights some call needs in float32 under bf16-mixed: FSDP2 shards them without its bf16
+        `MixedPrecisionPolicy` (stages/parallel.py), so autocast casts them as on one device. None by default."""
+        return []
+
     def train(self, mode: bool = True):  # frozen encoders stay in eval mode
         super().train(mode)
         self.codec.eval()

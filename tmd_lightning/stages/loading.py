@@ -262,6 +262,11 @@ def load_student(checkpoint: str | Path) -> nn.Module:
     meta = ckpt.get("tmd_lightning")
     if meta is None or meta["network_attr"] != "student":
         raise ValueError(f"{path} is not a student checkpoint (adapt_head or distill)")
+    from tmd_lightning.models.rank0 import skip_weights
+
+    if skip_weights():  # FSDP2, rank > 0: shapes only; shard_stage fills the shards from rank 0
+        with torch.device("meta"):
+            return network_from_record(meta, path)
     student = network_from_record(meta, path)
     load_merged_state(student, {k[len("student."):]: v for k, v in ckpt["state_dict"].items()
                                 if k.startswith("student.")}, meta.get("lora"))  # a LoRA student: merged

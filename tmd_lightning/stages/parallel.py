@@ -12,7 +12,13 @@ FSDP2 layout (`fully_shard`), decided per network of the stage (its registered c
 - a frozen network (the teacher) keeps its small non-block weights unsharded on every rank: they need no gradient
   reduction, and `block_features` calls them outside `forward`;
 - frozen encoders without Wan blocks (codec, text encoder) are left alone (replicated);
-- 0-d parameters (the fusion gate α), which FSDP2 cannot shard, become 1-element vectors (state dicts keep them 0-d).
+- 0-d parameters (the fusion gate α), which FSDP2 cannot shard, become 1-element vectors (state dicts keep them 0-d);
+- under bf16-mixed, trainable networks gather their float32 shards in bf16 (`MixedPrecisionPolicy`, see
+  `shard_stage`): every parameter of a unit, so also the float32 modules diffusers keeps (norm weights, modulation
+  tables, time embedder) arrive rounded to bf16; their computations still run in float32 (Wan upcasts there), as
+  Linear layers already ran in bf16 under autocast. Units a stage lists in `full_precision_modules` gather float32;
+- networks built on the meta device (ranks > 0, `models/rank0.py`) get memory for their shards only and receive
+  global rank 0's weights after sharding (`state_for_broadcast` / `load_from_rank0`).
 Calls of a sharded network are collectives, so calls that depend on the data (Stage 1's CFG and finite-difference
 passes on some rows) go through `rows_to_run`, which keeps every rank making the same calls.
 """
@@ -59,7 +65,8 @@ def configure_parallel(stage: L.LightningModule, activation_checkpointing: bool 
                              f"{stage.device_mesh['tensor_parallel'].size()}, but the stages apply no tensor "
                              "parallelism (ranks would read the same batches unsynchronised): use trainer=fsdp "
                              "(tmd_lightning.strategies.FSDP2Strategy) or tensor_parallel_size=1")
-        shard_stage(stage, stage.device_mesh["data_parallel"])
+        shard_stage(stage, stage.device_mesh["data_parallel"],
+                    sharding_param_dtype(strategy, str(stage.trainer.precision)))
     elif isinstance(strategy, DDPStrategy):
         prepare_ddp(stage, strategy)
     elif not isinstance(strategy, SingleDeviceStrategy):
@@ -114,33 +121,56 @@ def frozen_state_names(stage: nn.Module) -> list[str]:
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------------------------------
-def shard_stage(stage: L.LightningModule, mesh: dist.DeviceMesh) -> list[str]:
+def shard_stage(stage: L.LightningModule, mesh: dist.DeviceMesh, param_dtype: torch.dtype | None = None) -> list[str]:
     """`fully_shard` the stage's networks as the module docstring lays out; returns the names of the sharded units.
+
+    `param_dtype` (bf16 under `bf16-mixed`, `sharding_param_dtype`): the units of trainable networks get FSDP2's
+    `MixedPrecisionPolicy(param_dtype, reduce_dtype=float32, cast_forward_inputs=False)`: float32 sharded master
+    weights (what AdamW updates), gathered as `param_dtype` for each forward and backward and freed after, gradients
+    reduced in float32. Autocast stays on for the activations and finds bf16 weights, so it keeps no bf16 copy of the
+    gathered blocks. Units a stage needs in float32 (`VideoStage.full_precision_modules`: Stage 1's finite-difference
+    head passes) are sharded without it. Frozen networks (the teacher, bf16 since `DistillStage.setup`) gather in the
+    dtype they are held in.
+
+    Networks built on the meta device (ranks > 0 under `models.rank0.rank0_weights`) are sharded, given memory for
+    their shards only and filled from global rank 0 (`load_from_rank0`).
 
     Raises when a trainable parameter ends up in no FSDP unit (its gradients would never be averaged) and when a
     network carries LoRA adapters (not supported with FSDP2 yet: use trainer=ddp).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    full_precision = {id(m) for m in getattr(stage, "full_precision_modules", lambda: [])()}
     units: list[str] = []
     for name, child in stage.named_children():
         if isinstance(child, FSDPModule) or not _owned_parameters(child):
             continue
         _refuse_adapters(name, child)
+        trainable = any(p.requires_grad for p in _owned_parameters(child))
+
+        def policy(module: nn.Module, trainable: bool = trainable) -> MixedPrecisionPolicy:
+            if param_dtype is None or not trainable or id(module) in full_precision:
+                return MixedPrecisionPolicy()
+            return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)  # times and the residual stream stay float32
+
+        rank0_state = state_for_broadcast(child, mesh)
         promote_scalar_parameters(child)
         blocks = [(n, m) for n, m in child.named_modules() if isinstance(m, WanTransformerBlock)]
         for block_name, block in blocks:
-            if not isinstance(block, FSDPModule):
-                fully_shard(block, mesh=mesh, reshard_after_forward=True)  # also when no root unit sits above
+            if not isinstance(block, FSDPModule):  # also when no root unit sits above
+                fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy(block))
             units.append(f"{name}.{block_name}")
         in_blocks = {id(p) for _, block in blocks for p in block.parameters()}
         if any(p.requires_grad and id(p) not in in_blocks for p in _owned_parameters(child)):
-            fully_shard(child, mesh=mesh)
+            fully_shard(child, mesh=mesh, mp_policy=policy(child))
             for cls, methods in FORWARD_METHODS.items():
                 if isinstance(child, cls):
                     for method in methods:
                         register_fsdp_forward_method(child, method)
             units.append(name)
+        if rank0_state is not None:
+            load_from_rank0(child, rank0_state, mesh)
     stray = [n for n, p in stage.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if stray:
         raise RuntimeError(f"{len(stray)} trainable parameter(s) of {type(stage).__name__} are in no FSDP unit, so "
@@ -148,6 +178,60 @@ def shard_stage(stage: L.LightningModule, mesh: dist.DeviceMesh) -> list[str]:
                            "inside a registered child network")
     log.info("FSDP2 units of %s: %d (%s ...)", type(stage).__name__, len(units), ", ".join(units[:4]))
     return units
+
+
+def sharding_param_dtype(strategy: ModelParallelStrategy, precision: str) -> torch.dtype | None:
+    """The dtype FSDP2 gathers trainable weights in: the strategy's `param_dtype` ("bfloat16" by default) under
+    `bf16-mixed`, None (float32 weights, autocast casts them) under any other precision or `param_dtype: null`."""
+    name = getattr(strategy, "param_dtype", "bfloat16")
+    if name is None or not str(precision).startswith("bf16-mixed"):
+        return None
+    return getattr(torch, str(name))
+
+
+def is_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of `module` is on the meta device (built without weights)."""
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def state_for_broadcast(network: nn.Module, mesh: dist.DeviceMesh) -> dict[str, torch.Tensor] | None:
+    """Collective over `mesh`: None when no rank built `network` on the meta device; else rank 0's full state dict
+    (its own tensors, no copy; `{}` on the other ranks), to be broadcast after sharding. Global rank 0 must hold the
+    weights: an error when it is the one on meta."""
+    flag = torch.tensor([float(is_meta(network))], device=_mesh_device(mesh))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group())
+    if flag.item() == 0:
+        return None
+    if dist.get_rank() == 0:
+        if is_meta(network):
+            raise RuntimeError("global rank 0 built a network on the meta device: it must load the weights that "
+                               "the other ranks receive (models.rank0.skip_weights is false on rank 0)")
+        return network.state_dict()
+    return {}
+
+
+def load_from_rank0(network: nn.Module, state: dict[str, torch.Tensor], mesh: dist.DeviceMesh) -> None:
+    """After `fully_shard`: memory for the local shards only on ranks that built `network` on meta (`to_empty`), then
+    every parameter and persistent buffer from rank 0's full `state`, one tensor at a time (torch's
+    `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`), and the non-persistent buffers (rope
+    tables) broadcast as they are. A rank > 0 never holds more than one full tensor of the network."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = _mesh_device(mesh)
+    if is_meta(network):
+        network.to_empty(device=device)
+    set_model_state_dict(network, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    src = dist.get_global_rank(mesh.get_group(), 0)
+    for buffer in network.buffers():
+        if buffer.device != device:
+            buffer.data = buffer.data.to(device)
+        dist.broadcast(buffer.data, src=src, group=mesh.get_group())
+
+
+def _mesh_device(mesh: dist.DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def promote_scalar_parameters(network: nn.Module) -> list[str]:
