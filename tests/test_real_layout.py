@@ -147,3 +147,81 @@ def test_cache_of_another_text_encoder_width_is_refused(world: Path, cache, tmp_
     with pytest.raises(ValueError, match="text embeddings of width 32, but the run's text encoder has d_model 64"):
         TextEncoder.from_pretrained(other, cache_dir=cache[0])
     assert isinstance(TextEncoder.from_pretrained(world / "wan", cache_dir=cache[0]), CachedTextEncoder)
+
+
+def readme_fit_commands() -> list[list[str]]:
+    """The overrides of every `tmd_lightning.fit` command in the README's real-scale section (continuation lines
+    joined, comments and `...` placeholders dropped)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Real scale"):readme.index("\n## ", readme.index("## Real scale") + 5)]
+    commands = []
+    for block in section.split("```bash")[1:]:
+        text = block.split("```")[0].replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split("#")[0]
+            if "-m tmd_lightning.fit" not in line:
+                continue
+            tokens = line.split("-m tmd_lightning.fit", 1)[1].split()
+            commands.append([t for t in tokens if t != "..." and "=" in t])
+    return commands
+
+
+def _as_tiny(tokens: list[str], world: Path, caches: dict[str, Path]) -> list[str]:
+    """A README command on the tiny folder: paths replaced by the test's (the cache made for the command's model),
+    one CPU process."""
+    model = next((t.split("=", 1)[1] for t in tokens if t.startswith("model=")), "wan2.1_t2v_1.3b")
+    cache_dir = caches[model]
+    out = []
+    for t in tokens:
+        key, value = t.split("=", 1)
+        if key.startswith(("hydra.", "trainer")) or key == "ckpt_path":
+            continue  # one CPU process here; the resume command resumes nothing
+        value = {"data.cache_dir": str(cache_dir), "data.train_manifest": f"{world}/videos/train.csv"}.get(key, value)
+        out.append(f"{key}={value}")
+    if not any(t.startswith(("data=", "data.cache_dir=")) for t in tokens):  # "..." stood for the user's cache
+        out.append(f"data.cache_dir={cache_dir}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache_14b(world: Path) -> Path:
+    """The tiny folder's cache as `model=wan2.1_t2v_14b` makes it (a cache records the model it was made for)."""
+    out = world / "cache_14b"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("precompute", overrides=[f"paths.root_dir={world}", "model=wan2.1_t2v_14b",
+                                               f"model.pretrained={world}/wan", *SIZE, "data.num_workers=0",
+                                               f"data.train_manifest={world}/videos/train.csv", f"output={out}",
+                                               f"paths.output_dir={world}/precompute_14b"])
+    precompute.run(cfg)
+    return out
+
+
+@pytest.mark.slow
+def test_every_readme_real_scale_fit_command_passes_its_guards_and_trains_one_step(world: Path, cache, cache_14b,
+                                                                                    tmp_path: Path) -> None:
+    """Each command as written passes the setup guards (memory plan at 80 GiB per GPU, the README's GPUs); then,
+    on the tiny random Wan folder and one CPU process, trains one step (Stage 1 commands first: Stage 2 finds
+    their checkpoint through `latest`)."""
+    from tmd_lightning.guards import check_config
+
+    commands = readme_fit_commands()
+    experiments = {next(t for t in c if t.startswith("experiment=")) for c in commands}
+    assert {"experiment=wan_adapt_head", "experiment=wan_distill"} <= experiments and len(commands) >= 8
+    for tokens in commands:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("fit", overrides=[f"paths.root_dir={tmp_path}", "gpu_memory_gib=80",
+                                            *[t for t in tokens if not t.startswith("hydra.")]])
+        check_config(cfg)  # raises with a one-line message when a README command would be refused
+    order = sorted(commands, key=lambda c: "experiment=wan_adapt_head" not in c)
+    caches = {"wan2.1_t2v_1.3b": cache[0], "wan2.1_t2v_14b": cache_14b}
+    for k, tokens in enumerate(order):
+        stage = ["stage.max_iterations=1", "stage.discriminator.hidden_dim=8"] if "distill" in str(tokens) else []
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("fit", overrides=[
+                *_as_tiny(tokens, world, caches), f"paths.root_dir={tmp_path}", f"model.pretrained={world}/wan",
+                "model.head_blocks=1", "model.disc_blocks=[1,2]", *SIZE, "data.num_workers=0",
+                f"paths.output_dir={tmp_path}/run{k}", "trainer.accelerator=cpu", "trainer.devices=1",
+                "trainer.precision=32-true", "trainer.max_steps=1", "stage.global_batch=2", "data.batch_size=1",
+                "~callbacks.video_eval", "~callbacks.rich_progress_bar", *stage])
+        result = fit(cfg)
+        assert Path(result["checkpoint"]).is_file(), tokens
