@@ -213,3 +213,11 @@ def test_a_batch_of_only_unusable_files_skips_the_step(text_encoder, tmp_path):
     assert [r.path.rsplit("/", 1)[-1] for r in dm.skips.skipped] == ["corrupt.mp4", "corrupt.mp4"]
     assert logger.metrics["data/skipped_batches"] == 2
     assert "val/loss" in trainer.callback_metrics
+
+
+def test_a_codec_of_another_latent_width_is_refused_in_one_line(text_encoder):
+    """A network trained with one toy codec (K frames per latent frame) sampled through another fails at once."""
+    stage = _stage(text_encoder)
+    stage.codec = PixelCodec(4, frames_per_latent=2)  # 96-channel latents for a 48-channel network
+    with pytest.raises(ValueError, match="makes 96-channel latents but the network takes in_channels=48"):
+        stage.generate(["a red square moving left"], [0], 9, 16, 16, steps=1)

@@ -63,7 +63,19 @@ class VideoStage(L.LightningModule):
         """The negative-prompt embedding (empty caption for the toy, Wan's negative prompt at scale), repeated."""
         return self.text_encoder([self.negative_prompt]).expand(batch_size, -1, -1).float()
 
+    def check_codec(self) -> None:
+        """The codec's latents have as many channels as the network takes: a network trained on another codec (the
+        toy's frames per latent frame, another VAE) would otherwise train or sample on scrambled inputs."""
+        config = getattr(self.network, "config", {})
+        channels = config.get("in_channels", (config.get("wan_config") or {}).get("in_channels"))
+        codec_channels = getattr(self.codec, "latent_channels", None)
+        if channels is not None and codec_channels is not None and channels != codec_channels:
+            raise ValueError(f"the codec ({type(self.codec).__name__}) makes {codec_channels}-channel latents but the "
+                             f"network takes in_channels={channels}: use the codec it was trained with (the toy: "
+                             "model.codec.frames_per_latent=in_channels / 48)")
+
     def setup(self, stage: str) -> None:
+        self.check_codec()
         seed_per_rank(self.trainer)  # data-parallel ranks draw different noise (no-op in a single process)
 
     def configure_model(self) -> None:
@@ -103,6 +115,7 @@ class VideoStage(L.LightningModule):
     def generate_latents(self, captions: list[str], seeds: list[int], num_frames: int, height: int, width: int,
                          **sampler: Any) -> torch.Tensor:
         """The latents `generate` decodes (the codec's normalised space, what a cache stores)."""
+        self.check_codec()
         noise = self.initial_noise(seeds, self.latent_shape(num_frames, height, width))
         with torch.no_grad():
             text = self.text_encoder(captions)
