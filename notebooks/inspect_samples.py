@@ -45,12 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything loads from local fold
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
 from IPython.display import HTML  # noqa: E402
 from matplotlib.animation import FuncAnimation  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from tmd_lightning.config import CONFIG_DIR  # noqa: E402
 from tmd_lightning.data.toy_world import FPS, parse_caption  # noqa: E402
 from tmd_lightning.metrics.toy import ToyAccuracy  # noqa: E402
-from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder  # noqa: E402
+from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder  # noqa: E402
 from tmd_lightning.sampling import (  # noqa: E402
     cfg_velocity,
     dmd2_sample,
@@ -85,7 +88,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # `.ckpt` never contains them (they load from their own folders).
 
 # %%
-codec = PixelCodec(4)
+codec = instantiate(OmegaConf.load(CONFIG_DIR / "model" / "toy.yaml").codec)  # the toy codec: K = 2 frames per token
 text_encoder = TextEncoder.from_pretrained(TOY_MODEL_DIR, max_length=8, model_class="T5EncoderModel")
 
 

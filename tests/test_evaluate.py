@@ -106,10 +106,11 @@ def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
     torch.manual_seed(0)
     detector = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(_Detector().eval()).save(str(detector))
-    manifest = generate_toy_dataset(tmp_path / "real", 1, 16, 16, seed=3, split="ref")
+    # 17 frames: the toy codec takes 1 + 2k frames; FVD reads the first 16
+    manifest = generate_toy_dataset(tmp_path / "real", 1, 17, 16, seed=3, split="ref")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("evaluate", overrides=[
-            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", "seeds=[0,1]", "num_frames=16",
+            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/out", "seeds=[0,1]", "num_frames=17",
             "prompts=[a red circle moving left,a blue square moving up]", "toy_metrics=false",
             f"fvd.detector={detector}", f"fvd.reference={manifest}", "fvd.num_real=20", "samples_per_row=0",
             "models=[{label: teacher, path: ${model.pretrained}, required: true, samplers: [{steps: 1, cfg: 5.0}]}]"])
@@ -122,7 +123,7 @@ def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
 
     stage = load_model(cfg.model.pretrained, *(instantiate(cfg.model[k]) for k in ("codec", "text_encoder"))).eval()
     pairs = [(p, s) for p in ["a red circle moving left", "a blue square moving up"] for s in (0, 1)]
-    videos, _ = generate(stage, pairs, (16, 16, 16), 64, steps=1, cfg=5.0)
+    videos, _ = generate(stage, pairs, (17, 16, 16), 64, steps=1, cfg=5.0)
     backend = get_backend("auto")
     fvd = FrechetVideoDistance(I3DFeatures(detector))
     fvd.update(torch.stack([torch.from_numpy(backend.read(e.path, 16)) for e in read_manifest(manifest)[:20]]),

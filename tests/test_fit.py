@@ -116,16 +116,21 @@ def test_a_preempted_run_saves_a_resumable_checkpoint_and_exits_143(tmp_path: Pa
     root = Path(__file__).resolve().parents[1]
     args = [sys.executable, "-m", "tmd_lightning.fit", "experiment=teacher", "trainer.max_steps=100000",
             "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.model_checkpoint.save_last=false",
+            "callbacks.model_checkpoint.save_top_k=-1",  # step000003.ckpt stays: the sign that training is under way
             f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", *TINY, *QUICK]
     env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoints = tmp_path / "run" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "step000003.ckpt").is_file():  # training is under way
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, signum))
-    out, _ = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 600
+    try:
+        while not (checkpoints / "step000003.ckpt").is_file():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 3 in time"
+            time.sleep(0.2)
+        proc.send_signal(getattr(signal, signum))
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a 100,000-step run behind
+            proc.kill()
     assert proc.returncode == 143, out[-3000:]
     last = checkpoints / "last.ckpt"  # save_last=false: only the pre-emption writes it
     step = torch.load(last, weights_only=False)["global_step"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from tiny_wan_folder import write_tiny_toy_teacher
 
@@ -21,7 +22,7 @@ import tmd_lightning.kd_pairs as kd_pairs
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError
 from tmd_lightning.data.toy_world import all_captions
-from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder
+from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder
 from tmd_lightning.sampling import cfg_velocity, teacher_sample, time_grid
 
 CAPTIONS = all_captions()[:3]
@@ -72,7 +73,7 @@ def _wan_fn(wan: torch.nn.Module):
 def test_stored_pairs_are_the_teacher_samplers_output_from_the_stored_noise(cache, teacher, toy_text_encoder):
     out, index = cache
     wan = WanTransformer3DModel.from_pretrained(str(teacher / "transformer"))
-    shape = PixelCodec(4).latent_shape(9, 16, 16)
+    shape = instantiate(OmegaConf.load(CONFIG_DIR / "model" / "toy.yaml").codec).latent_shape(9, 16, 16)
     neg = toy_text_encoder([""])
     stored = _stored(out, index)
     assert [s["pair"] for s, *_ in stored] == list(range(7))  # 5 training pairs, then 2 held out

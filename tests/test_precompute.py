@@ -35,7 +35,7 @@ def _cfg(root: Path, output: Path, *overrides: str) -> DictConfig:
         return compose("precompute", overrides=[
             f"paths.root_dir={root}", f"paths.output_dir={root}/run", f"output={output}", "data.num_frames=9",
             "data.height=16", "data.width=16", "data.spatial_multiple=4", "data.num_workers=0", "dtype=float32",
-            "shard_size=3", *overrides])
+            "shard_size=3", "model.codec.frames_per_latent=1", *overrides])  # K = 1: PixelCodec(4) below
 
 
 @pytest.fixture(scope="module")

@@ -81,14 +81,22 @@ def write_toy_videos(root: str | Path, captions: list[str], size: int, num_frame
     return write_manifest(root / name, rows)
 
 
-def write_tiny_toy_teacher(root: str | Path, seed: int = 0, num_layers: int = 2) -> Path:
-    """A tiny random Wan teacher for the toy codec (48 latent channels) and toy text encoder (width 64), saved as
-    `root/transformer`; its output projection is drawn at std 0.1 so its velocities are not near zero."""
+def write_tiny_toy_teacher(root: str | Path, seed: int = 0, num_layers: int = 2, channels: int | None = None) -> Path:
+    """A tiny random Wan teacher for the toy codec of `model=toy` (its latent channels unless `channels` is given)
+    and toy text encoder (width 64), saved as `root/transformer`; its output projection is drawn at std 0.1 so its
+    velocities are not near zero."""
     from diffusers import WanTransformer3DModel
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
+    from tmd_lightning.config import CONFIG_DIR
+
+    if channels is None:
+        channels = instantiate(OmegaConf.load(CONFIG_DIR / "model" / "toy.yaml").codec).latent_channels
     torch.manual_seed(seed)
     wan = WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
+        patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+        out_channels=channels,
         text_dim=64, freq_dim=32, ffn_dim=64, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
     with torch.no_grad():

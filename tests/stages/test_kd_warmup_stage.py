@@ -101,7 +101,7 @@ def test_a_batch_without_noise_is_a_clear_error(text_encoder):
 def kd_export(tmp_path_factory: pytest.TempPathFactory, text_encoder) -> tuple[Path, Path]:
     """A teacher folder and a KD export whose weights differ from it (another seed)."""
     root = tmp_path_factory.mktemp("dmd2_init")
-    teacher = write_tiny_toy_teacher(root / "teacher", seed=0)
+    teacher = write_tiny_toy_teacher(root / "teacher", seed=0, channels=48)  # as _stage's student
     assert _stage(text_encoder, seed=1).export_pretrained(str(root / "export"))
     return teacher, root / "export"
 
