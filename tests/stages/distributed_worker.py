@@ -380,6 +380,9 @@ def main(out: str, scenarios: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1], sys.argv[2:])
+        if torch.distributed.is_initialized():  # both ranks leave together: gloo aborts a rank whose peer has gone
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
