@@ -57,10 +57,9 @@ from tmd_lightning.data.sharding import (
     current_record,
     finished_records,
     my_share,
-    others_unfinished,
     plan_shards,
     process_share,
-    share_note,
+    report_share,
 )
 from tmd_lightning.data.toy_world import write_mp4
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts
@@ -274,11 +273,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["written"] = write_cache_shards(out, my_share(jobs, rank, world_size), teacher, cfg, sig)
         result["index"] = merge_cache(out, jobs, teacher, cfg, record, sig, previous)
         done = result["index"]
-    who = share_note(rank, world_size)
-    print(f"{who}{len(result['written'])} {'videos' if cfg.output_format == 'manifest' else 'shards'} written now")
-    if done is None:
-        print(who + others_unfinished(out / (MANIFEST_FILE if cfg.output_format == "manifest" else INDEX_FILE)))
-    else:
+    manifest = cfg.output_format == "manifest"
+    if report_share(out / (MANIFEST_FILE if manifest else INDEX_FILE), done is not None, result["written"], rank,
+                    world_size, "videos" if manifest else "shards"):
         size = f"data.num_frames={cfg.num_frames} data.height={cfg.height} data.width={cfg.width}"
         source = f"data=manifest data.train_manifest={out / MANIFEST_FILE}" if cfg.output_format == "manifest" \
             else f"data=cache data.cache_dir={out}"

@@ -43,7 +43,7 @@ from tmd_lightning.data.cache import (
     write_index,
     write_shard,
 )
-from tmd_lightning.data.sharding import ShardJob, my_share, others_unfinished, plan_shards, process_share, share_note
+from tmd_lightning.data.sharding import ShardJob, my_share, plan_shards, process_share, report_share
 from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts
 from tmd_lightning.models import load_transformer
 from tmd_lightning.models.precision import resolve_dtype
@@ -237,10 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _report(out: Path, index: dict[str, Any] | None, written: list[Path], rank: int, world_size: int,
             cfg: DictConfig) -> None:
-    who = share_note(rank, world_size)
-    print(f"{who}{len(written)} shard(s) written now")
-    if index is None:
-        print(who + others_unfinished(out / INDEX_FILE))
+    if not report_share(out / INDEX_FILE, index is not None, written, rank, world_size):
         return
     for name, split in index["splits"].items():
         print(f"{name}: {split['num_samples']} pairs in {len(split['shards'])} shards")

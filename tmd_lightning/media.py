@@ -50,19 +50,18 @@ def viewable(frames: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
     return even(upscale(frames, scale_factor(frames.shape[1], frames.shape[2], min_side)))
 
 
-def write_viewable_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, min_side: int = MIN_SIDE,
-                       crf: int = 17) -> Path:
-    """Writes (F, H, W, 3) uint8 frames as H.264 yuv420p (browsers, QuickTime, VS Code), nearest-upscaled to
-    `min_side` px on the short side, with the index at the front of the file (`+faststart`)."""
+def write_h264(path: str | Path, frames: np.ndarray, fps: int, crf: int, pix_fmt: str = "yuv420p",
+               faststart: bool = False) -> Path:
+    """Writes (F, H, W, 3) uint8 frames as H.264 in `pix_fmt` (the one encoder behind every MP4 the project writes:
+    yuv420p for people, yuv444p for the toy training data); `faststart` puts the index at the front of the file."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = viewable(np.asarray(frames, dtype=np.uint8), min_side)
-    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+    with av.open(str(path), "w", options={"movflags": "+faststart"} if faststart else {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.options = {"crf": str(crf)}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
@@ -70,6 +69,13 @@ def write_viewable_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, min_s
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_viewable_mp4(path: str | Path, frames: np.ndarray, fps: int = 8, min_side: int = MIN_SIDE,
+                       crf: int = 17) -> Path:
+    """Writes (F, H, W, 3) uint8 frames as H.264 yuv420p (browsers, QuickTime, VS Code), nearest-upscaled to
+    `min_side` px on the short side, with the index at the front of the file (`+faststart`)."""
+    return write_h264(path, viewable(np.asarray(frames, dtype=np.uint8), min_side), fps, crf, "yuv420p", True)
 
 
 def slug(text: str, max_length: int = 60) -> str:

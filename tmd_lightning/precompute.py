@@ -40,7 +40,7 @@ from tmd_lightning.data.cache import (
     write_shard,
 )
 from tmd_lightning.data.dataset import SkipCounter, VideoTextDataset, collate_videos
-from tmd_lightning.data.sharding import ShardJob, my_share, others_unfinished, plan_shards, process_share, share_note
+from tmd_lightning.data.sharding import ShardJob, my_share, plan_shards, process_share, report_share
 from tmd_lightning.evaluation import resolve_device, resolve_prompts
 from tmd_lightning.quiet import quiet_third_party
 
@@ -185,10 +185,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _report(out: Path, index: dict[str, Any] | None, written: list[Path], rank: int, world_size: int,
             cfg: DictConfig) -> None:
-    who = share_note(rank, world_size)
-    print(f"{who}{len(written)} shard(s) written now")
-    if index is None:
-        print(who + others_unfinished(out / INDEX_FILE))
+    if not report_share(out / INDEX_FILE, index is not None, written, rank, world_size):
         return
     for name, split in index["splits"].items():
         print(f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards, "

@@ -100,6 +100,16 @@ def share_note(rank: int, world_size: int) -> str:
     return f"rank {rank} of {world_size}: " if world_size > 1 else ""
 
 
+def report_share(index_file: Path, merged: bool, written: Sequence[Any], rank: int, world_size: int,
+                 what: str = "shard(s)") -> bool:
+    """Prints what this rank wrote and, when the merged index is not written yet, why; returns `merged`."""
+    who = share_note(rank, world_size)
+    print(f"{who}{len(written)} {what} written now")
+    if not merged:
+        print(who + others_unfinished(index_file))
+    return merged
+
+
 def others_unfinished(index_file: Path) -> str:
     """What a rank that finished its own share but not the whole plan prints."""
     return (f"other ranks' shards are not finished yet; the last rank to finish writes {index_file} (or rerun this "

@@ -114,20 +114,9 @@ def render(spec: ToyVideoSpec, num_frames: int = 9, size: int = 16) -> np.ndarra
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = FPS, crf: int = 10) -> None:
     """Writes (F, H, W, 3) uint8 frames as H.264 (yuv444p keeps the toy's small colour blobs intact)."""
-    import av
+    from tmd_lightning.media import write_h264
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_h264(path, frames, fps, crf, pix_fmt="yuv444p")
 
 
 def generate_toy_dataset(
