@@ -77,3 +77,18 @@ def test_the_console_shows_the_run_not_third_party_notices(tmp_path: Path) -> No
     assert proc.returncode == 0, out[-3000:]
     assert [n for n in NOISE if n in out] == [], out[-3000:]
     assert "networks:" in out and "student" in out and "run folder:" in out
+
+
+def test_quiet_filters_lightnings_notices_and_nothing_else() -> None:
+    import warnings
+
+    from tmd_lightning.quiet import quiet_third_party
+
+    quiet_third_party()
+    with warnings.catch_warnings(record=True) as caught:  # RuntimeWarning: pytest's config ignores UserWarning
+        warnings.warn("Found 3 module(s) in eval mode at the start of training. This may lead to ...",
+                      RuntimeWarning, stacklevel=1)
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+                      "pre-optimization state was saved. ...", RuntimeWarning, stacklevel=1)
+        warnings.warn("a warning about the run itself", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning about the run itself"]

@@ -2,7 +2,8 @@
 
 Filtered, each for a reason: Lightning's advertising tip, and its note that our `ParameterSummary` replaces its
 own; its warning that frozen networks (teacher, codec, text encoder) are in eval mode, which they are by design;
-its note that a stage without `validation_step` skips the validation loader the DataModule offers; a deprecation
+its note that a stage without `validation_step` skips the validation loader the DataModule offers; its advice to
+save a pre-optimizer-step state under manual optimisation (ours checkpoints between iterations); a deprecation
 inside Lightning's own pytree helper; the loading bars of transformers and diffusers (one model folder is not
 progress worth a bar). Everything else still shows.
 """
@@ -16,6 +17,9 @@ _WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r"Found \d+ module\(s\) in eval mode at the start of (training|evaluation)",
     r"You passed in a `val_dataloader` but have no `validation_step`",
+    # advice for a pattern of Lightning's own tests: a manual-optimisation stage here checkpoints between iterations,
+    # so the state after the optimizer step is the resumable one
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization state",
 )
 _LOG_MESSAGES = ("💡 Tip:", "Trainer already configured with model summary callbacks")
 _done = False
