@@ -84,7 +84,11 @@ def test_quiet_filters_lightnings_notices_and_nothing_else() -> None:
 
     from tmd_lightning.quiet import quiet_third_party
 
+    with warnings.catch_warnings():  # an earlier caller whose filter list was restored (pytest does this per test)
+        quiet_third_party()
     quiet_third_party()
+    quiet_third_party()  # calls do not pile up duplicate filters
+    assert sum("eval mode" in str(f[1] and f[1].pattern) for f in warnings.filters) == 1
     with warnings.catch_warnings(record=True) as caught:  # RuntimeWarning: pytest's config ignores UserWarning
         warnings.warn("Found 3 module(s) in eval mode at the start of training. This may lead to ...",
                       RuntimeWarning, stacklevel=1)

@@ -31,13 +31,15 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Installs the filters once per process."""
+    """Installs the filters: the warning filters on every call (`warnings.catch_warnings` blocks, pytest's among
+    them, restore the filter list on exit; `filterwarnings` replaces an identical entry, so calls do not pile up),
+    the logging filters and progress-bar switches once per process."""
     global _done
+    for pattern in _WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     if _done:
         return
     _done = True
-    for pattern in _WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages())
     try:
