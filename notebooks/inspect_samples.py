@@ -31,7 +31,6 @@
 
 # %%
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -50,21 +49,13 @@ from IPython.display import HTML  # noqa: E402
 from matplotlib.animation import FuncAnimation  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage  # noqa: E402
 from tmd_lightning.config import CONFIG_DIR  # noqa: E402
 from tmd_lightning.data.toy_world import FPS, parse_caption  # noqa: E402
 from tmd_lightning.metrics.toy import ToyAccuracy  # noqa: E402
 from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder  # noqa: E402
-from tmd_lightning.sampling import (  # noqa: E402
-    cfg_velocity,
-    dmd2_sample,
-    euler_sample,
-    time_grid,
-    tmd_sample,
-)
+from tmd_lightning.sampling import FewStepSampler, TeacherSampler, TMDSampler  # noqa: E402
 from tmd_lightning.stages.base import VideoStage  # noqa: E402
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage  # noqa: E402
-from tmd_lightning.stages.student import FewStepWanStage, StudentStage  # noqa: E402
-from tmd_lightning.stages.teacher import TeacherStage  # noqa: E402
 
 # %% [markdown]
 # ## Settings
@@ -95,9 +86,7 @@ text_encoder = TextEncoder.from_pretrained(TOY_MODEL_DIR, max_length=8, model_cl
 def load_stage(source: str | Path) -> VideoStage:
     """A sampling-ready stage from a Lightning checkpoint or a diffusers folder, in eval mode on DEVICE."""
     if str(source).endswith(".ckpt"):
-        config = json.loads((TOY_MODEL_DIR / "transformer" / "config.json").read_text())
-        teacher_config = {k: v for k, v in config.items() if not k.startswith("_")}  # for pre-record teacher ckpts
-        stage = load_checkpoint_stage(source, codec, text_encoder, teacher_config=teacher_config)
+        stage = load_checkpoint_stage(source, codec, text_encoder)
     else:
         stage = load_pretrained_stage(source, codec, text_encoder)
     return stage.to(DEVICE).eval()
@@ -111,21 +100,22 @@ options = stage.sampler_options(**(SAMPLER or (dict(steps=4) if same_as_teacher 
 
 def model_name(stage: VideoStage, options: dict) -> str:
     """A short name with the sampler's step counts, in the paper's notation (TMD `N2H5`, M given separately)."""
-    if isinstance(stage, StudentStage):
-        return f"TMD N{options['N']}H{stage.student.head_blocks} M{options['M']}"
-    if isinstance(stage, FewStepWanStage):
-        return f"DMD2-v M{options['M']}"
-    if isinstance(stage, TeacherStage):
-        cfg = f" CFG {options['cfg']:g}" if options["cfg"] != 1.0 else ""
-        return f"teacher {options['steps']} steps{cfg}"
-    return type(stage).__name__
+    sampler = stage.sampler.with_options(**options)
+    if isinstance(sampler, TMDSampler):
+        return f"TMD N{sampler.N}H{stage.network.head_blocks} M{sampler.M}"
+    if isinstance(sampler, FewStepSampler):
+        return f"DMD2-v M{sampler.M}"
+    if isinstance(sampler, TeacherSampler):
+        cfg = f" CFG {sampler.cfg:g}" if sampler.cfg != 1.0 else ""
+        return f"teacher {sampler.steps} steps{cfg}"
+    return sampler.label()
 
 
 print(f"checkpoint: {Path(CHECKPOINT).resolve()}")
-print(f"stage: {type(stage).__name__} ({model_name(stage, options)})   sampler: {options}   "
+print(f"sampler: {type(stage.sampler).__name__} ({model_name(stage, options)})   sampler: {options}   "
       f"effective NFE: {stage.sampler_nfe(**options):g}")
-if isinstance(stage, StudentStage):
-    print(f"student: L = {stage.student.num_layers} blocks, H = {stage.student.head_blocks} flow-head blocks")
+if isinstance(stage.sampler, TMDSampler):
+    print(f"student: L = {stage.network.num_layers} blocks, H = {stage.network.head_blocks} flow-head blocks")
 
 # %% [markdown]
 # ## Display helpers
@@ -252,29 +242,14 @@ def intermediate_states(stage: VideoStage, prompt: str, seed: int, options: dict
     """(latents, labels) of the sampler's intermediate states for one (prompt, seed), the final state last."""
     noise = stage.initial_noise([seed], stage.latent_shape(NUM_FRAMES, HEIGHT, WIDTH))
     trajectory: list = []
+    if isinstance(stage.sampler, TeacherSampler):
+        options = options | {"solver": "euler"}  # intermediate states of the Euler solver
     with torch.no_grad():
         text = stage.text_encoder([prompt]).float()
-        if isinstance(stage, StudentStage):
-            inner_noise = [stage.initial_noise([seed], tuple(noise.shape[1:]), stream=i)
-                           for i in range(1, options["M"] + 1)]
-            tmd_sample(stage.student, noise, text, options["M"], options["N"], options["gamma"], options["t_max"],
-                       inner_noise=inner_noise, trajectory=trajectory)
-        elif isinstance(stage, TeacherStage):
-            neg = stage.negative_embedding(1) if options["cfg"] != 1.0 else None
-            velocity = cfg_velocity(stage.velocity, text, neg, options["cfg"])
-            grid = time_grid(options["steps"], options["gamma"], t_max=1.0).to(noise.device)
-            euler_sample(velocity, noise, grid, trajectory=trajectory)
-        elif isinstance(stage, FewStepWanStage):
-            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return stage.student(x, timestep=t * 1000.0, encoder_hidden_states=text, return_dict=False)[0]
-
-            grid = time_grid(options["M"], options["gamma"], options["t_max"]).to(noise.device)
-            dmd2_sample(velocity, noise, grid, trajectory=trajectory)
-        else:
-            raise TypeError(f"no trajectory view for {type(stage).__name__}")
+        stage.sample_latents(noise, text, seeds=[seed], trajectory=trajectory, **options)
 
     latents, labels = [noise.cpu()], ["noise"]
-    if isinstance(stage, StudentStage):
+    if isinstance(stage.sampler, TMDSampler):
         x = noise.cpu()
         outer = [step["t"] for step in trajectory] + [0.0]
         for k, step in enumerate(trajectory):

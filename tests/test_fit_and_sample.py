@@ -103,7 +103,7 @@ def test_sample_from_lightning_checkpoint_matches_export(teacher_run: Path) -> N
 def test_export_checkpoint_writes_the_ema_weights(teacher_run: Path, tmp_path: Path) -> None:
     from diffusers import WanTransformer3DModel
 
-    from tmd_lightning.export import export_checkpoint
+    from tmd_lightning.checkpoints import export_checkpoint
 
     ckpt = teacher_run / "logs" / "teacher" / "latest" / "checkpoints" / "last.ckpt"
     out = export_checkpoint(ckpt, tmp_path / "exported")
@@ -213,7 +213,7 @@ def test_distill_dmd2_runs_and_samples(adapt_head_run: Path) -> None:
                 f"output_dir={adapt_head_run / 'dmd2'}", f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
     assert "effective NFE: 3 " in proc.stdout
     export = latest / "export" / "student"
-    assert json.loads((export / "sampling.json").read_text())["sampling_stage"].endswith("FewStepWanStage")
+    assert json.loads((export / "sampling.json").read_text())["sampler"]["kind"] == "few_step"
     proc = _run("tmd_lightning.sample", f"checkpoint={export}", "prompts=[a red circle moving left]", "seeds=[0]",
                 f"output_dir={adapt_head_run / 'dmd2_export'}", f"paths.root_dir={adapt_head_run}", cwd=adapt_head_run)
     assert "effective NFE: 2 " in proc.stdout  # the DMD2-v sampler's default M = 2, not the teacher's 50 x 2

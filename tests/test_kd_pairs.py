@@ -22,8 +22,9 @@ import tmd_lightning.kd_pairs as kd_pairs
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError
 from tmd_lightning.data.toy_world import all_captions
+from tmd_lightning.flow import time_grid
 from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder
-from tmd_lightning.sampling import cfg_velocity, teacher_sample, time_grid
+from tmd_lightning.sampling import cfg_velocity, teacher_sample
 
 CAPTIONS = all_captions()[:3]
 SEED = 5

@@ -7,9 +7,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tmd_lightning.flow import time_grid
 from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
 from tmd_lightning.models import TMDTransformer
-from tmd_lightning.sampling import time_grid
 
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
            text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, rope_max_seq_len=64)

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
+from tmd_lightning.flow import shift, time_grid
 from tmd_lightning.sampling import (
+    FewStepSampler,
     cfg_velocity,
     dmd2_sample,
     effective_nfe,
     euler_sample,
-    shift,
     student_grids,
     teacher_sample,
-    time_grid,
     tmd_sample,
 )
 
@@ -284,7 +284,6 @@ def test_bf16_weights_sample_like_float32():
 
     from tmd_lightning.models.precision import cast_model
     from tmd_lightning.models.wan_parts import wan_velocity
-    from tmd_lightning.stages.student import few_step_wan_sample
 
     student = _tiny_student()
     wan = copy.deepcopy(student.wan)  # a Wan model: the teacher and the DMD2-v student
@@ -297,7 +296,7 @@ def test_bf16_weights_sample_like_float32():
         velocity = cfg_velocity(lambda x, t, c: wan_velocity(wan, x, t, c), text, neg, 5.0)
         return {"teacher": teacher_sample(velocity, noise, steps=8, gamma=3.0),
                 "TMD": tmd_sample(student, noise, text, M=2, N=2, inner_noise=inner_noise),
-                "DMD2-v": few_step_wan_sample(wan, noise, text, M=2, gamma=10.0, t_max=0.999)}
+                "DMD2-v": FewStepSampler(M=2, gamma=10.0, t_max=0.999).sample(wan, noise, text)}
 
     reference = samples(wan, student)
     low = samples(cast_model(wan, torch.bfloat16), cast_model(student, torch.bfloat16))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from tmd_lightning.flow import time_grid
 from tmd_lightning.models import TMDTransformer
 from tmd_lightning.models.wan_parts import wan_velocity
-from tmd_lightning.sampling import dmd2_sample, euler_sample, student_grids, teacher_sample, time_grid, tmd_sample
-from tmd_lightning.stages.student import few_step_wan_sample
+from tmd_lightning.sampling import FewStepSampler, dmd2_sample, euler_sample, student_grids, teacher_sample, tmd_sample
 
 TINY = dict(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
             text_dim=64, freq_dim=32, ffn_dim=64, num_layers=3)
@@ -82,7 +82,7 @@ def test_sampling_loops_are_bit_identical_to_the_per_step_reads(nets):
     assert torch.equal(teacher_sample(velocity, noise, 7, 3.0), old_euler(velocity, noise, grid))
     assert torch.equal(euler_sample(velocity, noise, grid), old_euler(velocity, noise, grid))
     few = time_grid(3, 5.0, 0.999)
-    assert torch.equal(few_step_wan_sample(wan, noise, text, 3, 5.0, 0.999), old_dmd2(velocity, noise, few))
+    assert torch.equal(FewStepSampler(3, 5.0, 0.999).sample(wan, noise, text), old_dmd2(velocity, noise, few))
     for M, N in [(2, 2), (1, 4), (3, 1)]:
         new = tmd_sample(student, noise, text, M, N, 10.0, 0.999, inner_noise=inner)
         assert torch.equal(new, old_tmd(student, noise, text, M, N, 10.0, 0.999, inner)), (M, N)
@@ -132,7 +132,7 @@ def test_sampling_loops_read_nothing_back_per_step(nets):
         teacher_sample(velocity, noise, 12, 3.0)
         dmd2_sample(velocity, noise, time_grid(4, 5.0, 0.999))
         tmd_sample(student, noise, text, 2, 3, 10.0, 0.999, inner_noise=inner)
-        few_step_wan_sample(wan, noise, text, 2, 10.0, 0.999)
+        FewStepSampler(2, 10.0, 0.999).sample(wan, noise, text)
     assert len(calls) == 12 + 4
     with pytest.raises(AssertionError, match="Tensor.__float__"), no_host_reads():  # the check itself works
         old_euler(velocity, noise, time_grid(2))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage
 from tmd_lightning.data.backends import get_backend
 from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import all_captions, generate_toy_dataset
@@ -19,7 +20,6 @@ from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
 from tmd_lightning.metrics.toy import ToyAccuracy, direction_confusion, toy_features
 from tmd_lightning.models.precision import cast_model, resolve_dtype
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 
 def resolve_prompts(prompts: Any, caption_column: str = "caption") -> list[str]:

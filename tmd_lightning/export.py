@@ -12,46 +12,8 @@ the run folder); this is for a run that was stopped early, or for any intermedia
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from tmd_lightning.config import register_resolvers
-from tmd_lightning.models.lora import load_merged_state
-from tmd_lightning.models.transformer import load_transformer
-from tmd_lightning.stages.loading import network_from_record, read_checkpoint
-
-
-def _network(ckpt: dict, checkpoint: Path) -> tuple[torch.nn.Module, str]:
-    """The checkpoint's network, freshly built, and its state-dict prefix; older teacher checkpoints carry no
-    architecture record, so theirs comes from the run's `config.yaml` (next to `checkpoints/`)."""
-    meta = ckpt.get("tmd_lightning")
-    if meta is not None:
-        return network_from_record(meta), meta["network_attr"]
-    config_path = checkpoint.parent.parent / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: export needs the run folder written by tmd_lightning.fit")
-    register_resolvers()
-    return load_transformer(config=OmegaConf.load(config_path).model.transformer_config), "transformer"
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use_ema: bool = True) -> Path:
-    """Saves the trained network (EMA weights if present and `use_ema`) of a Lightning checkpoint as a diffusers
-    folder: a `WanTransformer3DModel` for the teacher stage, a `TMDTransformer` for the student stages."""
-    checkpoint = Path(checkpoint)
-    ckpt = read_checkpoint(checkpoint)
-    network, attr = _network(ckpt, checkpoint)
-    prefix = attr + "."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    ema = next((s for name, s in ckpt.get("callbacks", {}).items() if name.startswith("EMA")), None)
-    if use_ema and ema is not None:
-        state.update(ema["shadow"])
-    load_merged_state(network, state, (ckpt.get("tmd_lightning") or {}).get("lora"))  # a LoRA student: merged
-    out = Path(out) if out else checkpoint.parent.parent / "export" / f"{attr}_step{ckpt['global_step']}"
-    network.save_pretrained(str(out))
-    print(f"exported step {ckpt['global_step']} ({'EMA' if use_ema and ema else 'raw'} weights) to {out}")
-    return out
+from tmd_lightning.checkpoints import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,11 +24,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from tmd_lightning.callbacks.checkpoint import FinalStateCheckpoint
+from tmd_lightning.checkpoints import check_checkpoint, safe_loading
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.guards import apply_accumulation, check_config, is_fsdp
 from tmd_lightning.models.rank0 import rank0_weights
 from tmd_lightning.quiet import quiet_third_party
-from tmd_lightning.stages.loading import check_checkpoint, safe_loading
 
 log = logging.getLogger(__name__)
 register_resolvers()

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tmd_lightning.checkpoints import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption
@@ -37,7 +38,6 @@ from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.progress import progress
 from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.loading import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 
 log = logging.getLogger(__name__)
 register_resolvers()
@@ -52,9 +52,7 @@ def load_stage(cfg: DictConfig) -> VideoStage:
         check_checkpoint(source, "checkpoint")  # a missing or truncated file fails before the encoders load
     codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     if str(source).endswith(".ckpt"):
-        teacher_config = cfg.model.get("transformer_config")
-        teacher_config = OmegaConf.to_container(teacher_config, resolve=True) if teacher_config else None
-        return load_checkpoint_stage(source, codec, text_encoder, teacher_config)
+        return load_checkpoint_stage(source, codec, text_encoder)
     return load_pretrained_stage(source, codec, text_encoder, cfg.model.negative_prompt)
 
 

@@ -1,7 +1,9 @@
-"""Time grids, effective NFE and samplers (docs/method.md §2).
+"""Samplers: the solvers, and the sampler objects that pair a network with its solver (docs/method.md §2).
 
-Convention: rectified flow with t = 1 as noise, `x_t = (1 - t) x + t eps`, velocity `v = eps - x`; Wan is called
-with timestep `1000 t`.
+A sampler object (`TeacherSampler`, `TMDSampler`, `FewStepSampler`) is the one place that knows how a kind of
+network is sampled: its options and their defaults, its effective NFE, its label in tables, and the record a
+checkpoint or export stores (`to_record` / `sampler_from_record`: a kind name and the options, never a class path).
+A new kind of sampler is one class here plus its config. The flow convention is `tmd_lightning.flow`'s.
 
 The sampling loops make no host-device synchronisation of their own: grids are built on the host and read as Python
 floats once per call (`_times`), per-step times reach the device as `torch.full` fills, and the inner grid of the TMD
@@ -10,29 +12,16 @@ sampler is moved to the device once per call. (diffusers' UniPC scheduler looks 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
+from tmd_lightning.flow import time_grid
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of shape (B,)) -> v
-
-
-def shift(u: torch.Tensor | float, gamma: float) -> torch.Tensor | float:
-    """Time shift `gamma u / ((gamma - 1) u + 1)`; gamma >= 1 pushes mass toward noise (t = 1)."""
-    return gamma * u / ((gamma - 1) * u + 1)
-
-
-def time_grid(steps: int, gamma: float = 1.0, t_max: float = 1.0) -> torch.Tensor:
-    """`steps + 1` increasing times `shift(k / steps, gamma)`, k = 0..steps, with the last replaced by `t_max`.
-
-    Student grids use gamma = 10 and t_max = 0.999 (Wan's pretraining never saw t = 1); the teacher's Euler
-    sampler starts from pure noise, t_max = 1.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    grid = shift(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), gamma)
-    grid[-1] = t_max
-    return grid
 
 
 def _times(grid: torch.Tensor | Sequence[float]) -> list[float]:
@@ -161,3 +150,147 @@ def dmd2_sample(velocity: VelocityFn, noise: torch.Tensor, grid: torch.Tensor | 
         if trajectory is not None:
             trajectory.append({"t": t, "x": x.detach().cpu().clone()})
     return x
+
+
+# -- sampler objects -------------------------------------------------------------------------------------------------
+NoiseStream = Callable[[int], torch.Tensor]  # i -> the i-th extra noise draw per seed (same shape as the noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How one kind of network is sampled, with its options. Immutable: `with_options` returns a new one."""
+
+    kind: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type[Sampler]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            Sampler._registry[cls.kind] = cls
+
+    def options(self) -> dict[str, Any]:
+        """The options as a plain dict (what `sample` prints and a summary records)."""
+        return dataclasses.asdict(self)
+
+    def with_options(self, **options: Any) -> Sampler:
+        """This sampler with the non-None `options` replaced; an option this kind does not take is an error."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - set(self.options()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no sampler option(s) {unknown}; it takes "
+                             f"{sorted(self.options())}")
+        return dataclasses.replace(self, **given)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a checkpoint or an export stores about its sampler: the kind and the options."""
+        return {"kind": self.kind, **self.options()}
+
+    def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
+               noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
+        """Latents from `noise` (t = 1) for text embeddings `text`; `neg` is the negative prompt's embedding (CFG),
+        `noise_stream(i)` the i-th extra per-seed noise draw (samplers that inject noise). `trajectory`, when given,
+        receives the intermediate states (see the solver's docstring) without changing the sample."""
+        raise NotImplementedError
+
+    def nfe(self, network: nn.Module) -> float:
+        """Effective NFE: DiT blocks executed per video / the network's depth (CFG counts twice)."""
+        raise NotImplementedError
+
+    def label(self) -> str:
+        """A short name for tables and legends."""
+        raise NotImplementedError
+
+
+def sampler_from_record(record: dict[str, Any], source: Any = "record") -> Sampler:
+    """The sampler a checkpoint or export recorded (`Sampler.to_record`), from this module's kinds only."""
+    record = dict(record)
+    kind = record.pop("kind", None)
+    if kind not in Sampler._registry:
+        raise ValueError(f"{source}: names sampler kind {kind!r}, which is not one of {sorted(Sampler._registry)}")
+    return Sampler._registry[kind]().with_options(**record)
+
+
+def _velocity_of(network: nn.Module, text: torch.Tensor) -> VelocityFn:
+    from tmd_lightning.models.wan_parts import wan_velocity
+
+    return lambda x, t: wan_velocity(network, x, t, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSampler(Sampler):
+    """The teacher: `steps` Euler (or UniPC) steps on a grid shifted by `gamma`, with CFG scale `cfg`."""
+
+    kind: ClassVar[str] = "teacher"
+    steps: int = 50
+    cfg: float = 5.0
+    gamma: float = 3.0
+    solver: str = "euler"
+
+    def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
+               noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
+        from tmd_lightning.models.wan_parts import wan_velocity
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return wan_velocity(network, x, t, c)
+
+        velocity = cfg_velocity(model_fn, text, neg if self.uses_cfg() else None, self.cfg)
+        if trajectory is not None:
+            if self.solver != "euler":
+                raise ValueError("intermediate states are recorded for solver='euler' only")
+            return euler_sample(velocity, noise, time_grid(self.steps, self.gamma, t_max=1.0), trajectory)
+        return teacher_sample(velocity, noise, self.steps, self.gamma, self.solver)
+
+    def uses_cfg(self) -> bool:
+        return self.cfg != 1.0
+
+    def nfe(self, network: nn.Module) -> float:
+        return effective_nfe(self.steps, cfg=self.uses_cfg())
+
+    def label(self) -> str:
+        solver = {"euler": "Euler", "unipc": "UniPC"}.get(self.solver, self.solver)
+        return f"{solver} {self.steps} x CFG {self.cfg:g}" if self.uses_cfg() else f"{solver} {self.steps}, no CFG"
+
+
+@dataclasses.dataclass(frozen=True)
+class TMDSampler(Sampler):
+    """Algorithm 1 for a `TMDTransformer`: M outer transition steps, N inner flow-head steps per transition, both
+    grids shifted by `gamma` up to `t_max`; fresh inner noise per outer step (`noise_stream(i)`, i = 1..M)."""
+
+    kind: ClassVar[str] = "tmd"
+    M: int = 2
+    N: int = 2
+    gamma: float = 10.0
+    t_max: float = 0.999
+
+    def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
+               noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
+        inner_noise = None if noise_stream is None else [noise_stream(i) for i in range(1, self.M + 1)]
+        return tmd_sample(network, noise, text, self.M, self.N, self.gamma, self.t_max, inner_noise=inner_noise,
+                          trajectory=trajectory)
+
+    def nfe(self, network: nn.Module) -> float:
+        return effective_nfe(self.M, self.N, network.head_blocks, network.num_layers)
+
+    def label(self) -> str:
+        return f"TMD M={self.M} N={self.N}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FewStepSampler(Sampler):
+    """DMD2-v's deterministic M-step sampler for a distilled full Wan model (grid shifted by `gamma` up to
+    `t_max`: 10 for 1-2 steps, 5 for 3-4)."""
+
+    kind: ClassVar[str] = "few_step"
+    M: int = 2
+    gamma: float = 10.0
+    t_max: float = 0.999
+
+    def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
+               noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
+        return dmd2_sample(_velocity_of(network, text), noise, time_grid(self.M, self.gamma, self.t_max), trajectory)
+
+    def nfe(self, network: nn.Module) -> float:
+        return effective_nfe(self.M)
+
+    def label(self) -> str:
+        return f"few-step M={self.M}"

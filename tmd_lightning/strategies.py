@@ -75,7 +75,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Loads a DCP folder into the sharded model and optimizers; other checkpoints as Lightning does."""
         path = Path(self.broadcast(checkpoint_path))
-        from tmd_lightning.stages.loading import safe_loading  # here: stages.loading imports this module
+        from tmd_lightning.checkpoints import safe_loading  # here: checkpoints imports this module
 
         if weights_only is None:  # Lightning drops `fit(weights_only=...)` on this path (restore after setup)
             weights_only = True

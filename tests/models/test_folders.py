@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from tmd_lightning.checkpoints import load_pretrained_stage
 from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder, WanVAECodec, load_transformer
-from tmd_lightning.stages.loading import load_pretrained_stage
 
 TINY = dict(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
             text_dim=64, freq_dim=32, ffn_dim=64, num_layers=2)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from tmd_lightning.flow import time_grid
 from tmd_lightning.models import BackboneOutput, TMDTransformer, build_student
-from tmd_lightning.sampling import effective_nfe, euler_sample, student_grids, time_grid, tmd_sample
+from tmd_lightning.sampling import effective_nfe, euler_sample, student_grids, tmd_sample
 
 # patch (1, 2, 2) so the unpatchify of the head is exercised; 4 blocks so H can be 1..3
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,

@@ -88,7 +88,7 @@ def test_stage1_loss_at_init_matches_an_independent_computation(text_encoder):
     eps = torch.randn(x.shape, generator=g)
     torch.rand(4, generator=g)
     y1 = torch.randn(x.shape, generator=g)
-    from tmd_lightning.sampling import shift
+    from tmd_lightning.flow import shift
 
     s = shift(torch.rand(4, generator=g) * 0.998 + 0.001, 3.0)
     rows = lambda a: a.view(-1, 1, 1, 1, 1)  # noqa: E731

@@ -12,13 +12,12 @@ import torch
 from diffusers import WanTransformer3DModel
 from distill_data import _loader, _videos  # noqa: I001
 
+from tmd_lightning.checkpoints import export_checkpoint, load_checkpoint_stage, load_pretrained_stage, load_student
 from tmd_lightning.data.toy_world import all_captions
-from tmd_lightning.export import export_checkpoint
 from tmd_lightning.models import TOY_MODEL_DIR, Discriminator, PixelCodec, TextEncoder, TMDTransformer
 from tmd_lightning.models.lora import FAKE_SCORE, STUDENT, AdapterView, adapter_parameters
 from tmd_lightning.models.wan_parts import block_features
 from tmd_lightning.stages import DMD2Stage, TMDDistillStage
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage, load_student
 
 TINY = dict(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
             text_dim=64, freq_dim=32, ffn_dim=64, num_layers=3)
@@ -243,8 +242,8 @@ def test_lora_student_trains_adapters_only_and_exports_merged(text_encoder, tmp_
     offline = export_checkpoint(tmp_path / "d.ckpt", tmp_path / "offline")  # `python -m tmd_lightning.export`
     for network in (student, type(student).from_pretrained(str(offline))):
         plain = network.state_dict()
-        assert plain.keys() == exported.student.state_dict().keys()
-        for k, v in exported.student.state_dict().items():
+        assert plain.keys() == exported.network.state_dict().keys()
+        for k, v in exported.network.state_dict().items():
             torch.testing.assert_close(plain[k], v, rtol=0, atol=0)
 
 

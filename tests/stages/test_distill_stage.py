@@ -12,11 +12,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from distill_data import _loader, _videos  # noqa: I001
 
+from tmd_lightning.checkpoints import load_checkpoint_stage
 from tmd_lightning.data.toy_world import all_captions
 from tmd_lightning.models import TOY_MODEL_DIR, Discriminator, PixelCodec, TextEncoder, TMDTransformer
 from tmd_lightning.models.wan_parts import block_features, embed, output_head, run_blocks
 from tmd_lightning.stages import DMD2Stage, TMDDistillStage
-from tmd_lightning.stages.loading import load_checkpoint_stage
 
 TINY = dict(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
             text_dim=64, freq_dim=32, ffn_dim=64, num_layers=3)
@@ -135,7 +135,8 @@ def test_vsd_loss_x_hat_gradient_is_the_dmd_direction_over_numel_as_in_dmd2():
 
 
 def test_dmd2_sampler_is_euler_on_the_same_grid():
-    from tmd_lightning.sampling import dmd2_sample, euler_sample, time_grid
+    from tmd_lightning.flow import time_grid
+    from tmd_lightning.sampling import dmd2_sample, euler_sample
 
     a = torch.randn(2, 3)
 

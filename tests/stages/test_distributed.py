@@ -225,15 +225,14 @@ def test_fsdp_layout_and_distributed_checkpoint_without_the_teacher(runs):
 
 @pytest.mark.slow
 def test_fsdp_export_and_consolidated_checkpoint_equal_the_gathered_weights(runs, tmp_path):
-    from tmd_lightning.export import export_checkpoint
+    from tmd_lightning.checkpoints import export_checkpoint, load_student
     from tmd_lightning.models import TMDTransformer
-    from tmd_lightning.stages.loading import load_student
 
     run = _load(runs, "resume_fsdp")
     assert run["export_wrote"] == [True, False]  # every rank gathers, rank 0 writes
     exported = TMDTransformer.from_pretrained(str(runs / "export_fsdp"))
     assert _max_diff(exported.state_dict(), run["straight"]["student"]) == 0
-    assert json.loads((runs / "export_fsdp" / "sampling.json").read_text())["sampler_defaults"]["N"] == 2
+    assert json.loads((runs / "export_fsdp" / "sampling.json").read_text())["sampler"]["N"] == 2
     half = run["half"]["student"]  # `python -m tmd_lightning.export DCP_FOLDER` and distill's Stage-1 loader
     out = export_checkpoint(runs / "half_fsdp.ckpt", tmp_path / "from_dcp")
     assert _max_diff(TMDTransformer.from_pretrained(str(out)).state_dict(), half) == 0
@@ -308,10 +307,9 @@ def test_fit_entry_point_with_trainer_fsdp(tmp_path, encoder):
     """`python -m tmd_lightning.fit experiment=adapt_head trainer=fsdp` on 2 CPU processes through Hydra and
     Lightning's launcher: DCP checkpoints, the end-of-run export and toy evaluation (all ranks sample, rank 0 writes).
     """
-    from tmd_lightning.export import export_checkpoint
+    from tmd_lightning.checkpoints import export_checkpoint, load_checkpoint_stage
     from tmd_lightning.models import PixelCodec, TMDTransformer
-    from tmd_lightning.stages import AdaptHeadStage
-    from tmd_lightning.stages.loading import load_checkpoint_stage
+    from tmd_lightning.sampling import TMDSampler
 
     command = [sys.executable, "-m", "tmd_lightning.fit", "experiment=adapt_head", "trainer=fsdp",
                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -333,7 +331,7 @@ def test_fit_entry_point_with_trainer_fsdp(tmp_path, encoder):
     consolidated = TMDTransformer.from_pretrained(str(export_checkpoint(ckpt, tmp_path / "consolidated")))
     assert _max_diff(exported.state_dict(), consolidated.state_dict()) == 0  # last.ckpt is the final state
     stage = load_checkpoint_stage(ckpt, PixelCodec(4), encoder)  # what `sample checkpoint=.../last.ckpt` loads
-    assert isinstance(stage, AdaptHeadStage) and _max_diff(stage.student.state_dict(), exported.state_dict()) == 0
+    assert isinstance(stage.sampler, TMDSampler) and _max_diff(stage.network.state_dict(), exported.state_dict()) == 0
     rows = (latest / "toy_eval.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("4,")  # header + one evaluation, written once (by rank 0)
 

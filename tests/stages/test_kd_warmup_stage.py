@@ -14,10 +14,11 @@ from diffusers import WanTransformer3DModel
 from tiny_wan_folder import write_tiny_toy_teacher
 from torch.utils.data import DataLoader
 
+from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage
 from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder
-from tmd_lightning.stages import FewStepWanStage, KDWarmupStage
+from tmd_lightning.sampling import FewStepSampler
+from tmd_lightning.stages import KDWarmupStage, SamplingStage
 from tmd_lightning.stages.kd_warmup import dmd2_student
-from tmd_lightning.stages.loading import load_checkpoint_stage, load_pretrained_stage
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_loss_is_the_mse_of_the_one_step_sample_against_the_teacher_sample(text_
 
 def test_the_warmup_trains_the_map_the_one_step_dmd2_sampler_applies(text_encoder):
     stage, batch = _stage(text_encoder), _pairs(2)
-    sampler = FewStepWanStage(stage.student, PixelCodec(4), text_encoder, M=1, grid_gamma=5.0, t_max=0.999)
+    sampler = SamplingStage(stage.student, PixelCodec(4), text_encoder, FewStepSampler(M=1, gamma=5.0, t_max=0.999))
     with torch.no_grad():
         torch.testing.assert_close(stage.one_step(batch["noise"], batch["text"]),
                                    sampler.sample_latents(batch["noise"], batch["text"]))
@@ -84,7 +85,7 @@ def test_a_few_steps_reduce_the_loss_and_the_checkpoint_samples_in_one_step(text
     assert after < 0.5 * before, (before, after)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = load_checkpoint_stage(tmp_path / "last.ckpt", PixelCodec(4), text_encoder)
-    assert isinstance(loaded, FewStepWanStage) and loaded.sampler_options()["M"] == 1
+    assert isinstance(loaded.sampler, FewStepSampler) and loaded.sampler_options()["M"] == 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.sample_latents(batch["noise"], batch["text"]),
                                    stage.one_step(batch["noise"], batch["text"]))
@@ -112,9 +113,10 @@ def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_the_export_samples_in_one_step(kd_export, text_encoder):
     _, export = kd_export
-    assert json.loads((export / "sampling.json").read_text())["sampler_defaults"]["M"] == 1
+    assert json.loads((export / "sampling.json").read_text())["sampler"] == {"kind": "few_step", "M": 1, "gamma": 10.0,
+                                                                            "t_max": 0.999}
     stage = load_pretrained_stage(export, PixelCodec(4), text_encoder)
-    assert isinstance(stage, FewStepWanStage) and stage.sampler_nfe() == 1
+    assert isinstance(stage.sampler, FewStepSampler) and stage.sampler_nfe() == 1
 
 
 def test_dmd2_student_starts_from_the_kd_export_for_one_step_only(kd_export):

@@ -12,14 +12,14 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from tmd_lightning.models import PixelCodec, TMDTransformer
-from tmd_lightning.stages.loading import (
+from tmd_lightning.checkpoints import (
     CheckpointError,
     check_checkpoint,
     load_checkpoint_stage,
     load_pretrained_stage,
     read_checkpoint,
 )
+from tmd_lightning.models import PixelCodec, TMDTransformer
 
 TINY = dict(patch_size=(1, 1, 1), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
             text_dim=64, freq_dim=32, ffn_dim=64, num_layers=2)
@@ -36,25 +36,34 @@ def evil_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return marker
 
 
-def test_sampling_record_names_only_the_packages_stages(tmp_path: Path, evil_module: Path) -> None:
+def test_sampling_record_names_only_the_packages_samplers(tmp_path: Path, evil_module: Path) -> None:
     torch.manual_seed(0)
     folder = tmp_path / "student"
     TMDTransformer.from_teacher(WanTransformer3DModel(**TINY), head_blocks=1).save_pretrained(str(folder))
-    (folder / "sampling.json").write_text(json.dumps({"sampling_stage": "evil_tmd_module.Evil",
-                                                      "sampler_defaults": {"M": 1, "gamma": 10.0}}))
+    (folder / "sampling.json").write_text(json.dumps({"sampler": {"kind": "evil_tmd_module.Evil", "M": 1}}))
     with pytest.raises(ValueError, match="evil_tmd_module.Evil.*not one of"):
         load_pretrained_stage(folder, PixelCodec(4), torch.nn.Identity())
     assert not evil_module.exists()
 
 
-def test_checkpoint_stage_record_names_only_the_packages_stages(tmp_path: Path, evil_module: Path) -> None:
+@pytest.mark.parametrize("field", ["sampler", "network_class"])
+def test_checkpoint_record_names_only_the_packages_samplers_and_networks(tmp_path: Path, evil_module: Path,
+                                                                        field: str) -> None:
     ckpt = tmp_path / "x.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {},
-                "tmd_lightning": {"stage": "evil_tmd_module.Evil", "network_attr": "transformer",
-                                  "network_class": "WanTransformer3DModel", "network_config": TINY}}, ckpt)
+    record = {"network_attr": "transformer", "network_class": "WanTransformer3DModel", "network_config": TINY,
+              "sampler": {"kind": "teacher", "steps": 2}}
+    record[field] = {"kind": "evil_tmd_module.Evil"} if field == "sampler" else "evil_tmd_module.Evil"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "tmd_lightning": record}, ckpt)
     with pytest.raises(ValueError, match="evil_tmd_module.Evil.*not one of"):
         load_checkpoint_stage(ckpt, PixelCodec(4), torch.nn.Identity())
     assert not evil_module.exists()
+
+
+def test_a_checkpoint_without_the_record_is_refused_in_one_line(tmp_path: Path) -> None:
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, ckpt)
+    with pytest.raises(ValueError, match="not a tmd_lightning stage checkpoint"):
+        load_checkpoint_stage(ckpt, PixelCodec(4), torch.nn.Identity())
 
 
 class _RunsCodeWhenUnpickled:

@@ -9,14 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from tmd_lightning.flow import interpolate, shift, time_grid, velocity_target
 from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
 from tmd_lightning.models.wan_parts import compute_dtype
-from tmd_lightning.sampling import shift
+from tmd_lightning.sampling import TMDSampler
+from tmd_lightning.stages.base import VideoStage
 from tmd_lightning.stages.parallel import rows_to_run
-from tmd_lightning.stages.student import StudentStage
 
 
-class AdaptHeadStage(StudentStage):
+class AdaptHeadStage(VideoStage):
     """TM-MeanFlow fine-tuning of the whole student (backbone features are not detached).
 
     Per batch (docs/method.md §4): outer t from the outer grid; condition dropout to the negative prompt; inner times
@@ -25,6 +26,9 @@ class AdaptHeadStage(StudentStage):
     `û = ṽ - (s - r) du/ds` with a finite-difference du/ds; the adaptively normalised loss.
 
     Args:
+        student: the `TMDTransformer`.
+        M: outer transition steps; N: inner flow-head steps (training grids and sampler defaults).
+        grid_gamma: shift of both student grids (10); t_max: their last point (0.999, as Wan was pretrained).
         cond_dropout: probability of replacing a caption by the negative prompt.
         s_shift, s_min, s_max: the inner-time sampler.
         p_r_equals_s: fraction of rows trained as plain transition matching (r = s); 0.75 in the paper.
@@ -40,6 +44,8 @@ class AdaptHeadStage(StudentStage):
         global_batch: videos per optimizer step over all GPUs (recorded only: `tmd_lightning.fit` turns it into
             Lightning's `accumulate_grad_batches`).
     """
+
+    network_attr = "student"
 
     def __init__(
         self,
@@ -66,8 +72,13 @@ class AdaptHeadStage(StudentStage):
         activation_checkpointing: bool = False,
         global_batch: int | None = None,
     ) -> None:
-        super().__init__(student, codec, text_encoder, negative_prompt, M, N, grid_gamma, t_max)
+        super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)
+        self.student = student
+        self.M, self.N = M, N
+        self.sampler = TMDSampler(M, N, grid_gamma, t_max)
+        self.register_buffer("outer_grid", time_grid(M, grid_gamma, t_max).float(), persistent=False)
+        self.register_buffer("inner_grid", time_grid(N, grid_gamma, t_max).float(), persistent=False)
         self.activation_checkpointing = activation_checkpointing
         if not 0.0 < fd_delta < 0.5:
             raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
@@ -93,22 +104,19 @@ class AdaptHeadStage(StudentStage):
         def randn() -> torch.Tensor:
             return torch.randn(x.shape, generator=generator).to(x)
 
-        def rows(v: torch.Tensor) -> torch.Tensor:
-            return v.view(-1, 1, 1, 1, 1)
-
         # 1. outer step: t_i uniform on t_1 .. t_M
         t = self.outer_grid[(rand(b) * self.M).long().clamp(max=self.M - 1) + 1]
         eps = randn()
-        x_t = (1 - rows(t)) * x + rows(t) * eps
+        x_t = interpolate(x, eps, t)
         # 2. condition dropout to the negative prompt
         neg = self.negative_embedding(b)
         dropped = rand(b) < h.cond_dropout
         text = torch.where(dropped[:, None, None], neg, text)
         # 3. inner times and the inner flow toward y = eps - x
-        y, y1 = eps - x, randn()
+        y, y1 = velocity_target(x, eps), randn()
         s = shift(rand(b) * (h.s_max - h.s_min) + h.s_min, h.s_shift)
         r = s.clone() if h.plain_tm else sample_r(s, self.inner_grid, h.p_r_equals_s, rand(b))
-        y_s = (1 - rows(s)) * y + rows(s) * y1
+        y_s = interpolate(y, y1, s)
         v = y1 - y
         m = student.backbone(x_t, t, text)
         with torch.no_grad():

@@ -8,10 +8,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from tmd_lightning.sampling import Sampler
 from tmd_lightning.stages.parallel import configure_parallel, gathered_network, network_class, seed_per_rank
 
 FROZEN_PREFIXES = ("codec.", "text_encoder.")
-SAMPLING_RECORD = "sampling.json"  # next to an exported student: which sampling stage runs it, with which defaults
+SAMPLING_RECORD = "sampling.json"  # next to an exported network: its sampler's record (kind and options)
 
 
 class VideoStage(L.LightningModule):
@@ -121,23 +122,24 @@ class VideoStage(L.LightningModule):
             text = self.text_encoder(captions)
             return self.sample_latents(noise, text, seeds=seeds, **self.sampler_options(**sampler))
 
-    sampler_defaults: dict[str, Any] = {}
+    sampler: Sampler  # how this stage's network is sampled (sampling.py); each stage sets it in __init__
 
     def sampler_options(self, **sampler: Any) -> dict[str, Any]:
-        """The stage's sampler defaults updated with the non-None `sampler` values; unknown keys are an error."""
-        given = {k: v for k, v in sampler.items() if v is not None}
-        unknown = sorted(set(given) - set(self.sampler_defaults))
-        if unknown:
-            raise ValueError(f"{type(self).__name__} has no sampler option(s) {unknown}; "
-                             f"it takes {sorted(self.sampler_defaults)}")
-        return dict(self.sampler_defaults) | given
+        """The stage's sampler options updated with the non-None `sampler` values; unknown keys are an error."""
+        return self.sampler.with_options(**sampler).options()
 
     def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
-                       **sampler: Any) -> torch.Tensor:
-        raise NotImplementedError
+                       trajectory: list | None = None, **sampler: Any) -> torch.Tensor:
+        """The stage's sampler (with `sampler` options) on its network; extra noise comes from the seeds' streams;
+        `trajectory` collects the intermediate states (notebooks)."""
+        chosen = self.sampler.with_options(**sampler)
+        neg = self.negative_embedding(noise.shape[0]) if getattr(chosen, "uses_cfg", lambda: False)() else None
+        stream = None if seeds is None else \
+            (lambda i: self.initial_noise(seeds, tuple(noise.shape[1:]), stream=i))  # noqa: E731
+        return chosen.sample(self.network, noise, text, neg=neg, noise_stream=stream, trajectory=trajectory)
 
     def sampler_nfe(self, **sampler: Any) -> float:
-        raise NotImplementedError
+        return self.sampler.with_options(**sampler).nfe(self.network)
 
     # -- what every checkpoint says about itself, so `sample` and `export` rebuild the right network -------------
     network_attr: str = "transformer"
@@ -151,9 +153,7 @@ class VideoStage(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
-        cls = type(self)
-        checkpoint["tmd_lightning"] = {"stage": f"{cls.__module__}.{cls.__qualname__}",
-                                       "network_attr": self.network_attr,
+        checkpoint["tmd_lightning"] = {"network_attr": self.network_attr, "sampler": self.sampler.to_record(),
                                        "network_class": network_class(self.network).__name__,
                                        "network_config": {k: v for k, v in self.network.config.items()
                                                           if not k.startswith("_")}}
@@ -168,12 +168,16 @@ class VideoStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export_pretrained(self, path: str) -> bool:
-        """Saves the network as a diffusers folder (`from_pretrained` loads it); returns whether this process wrote.
+        """Saves the network as a diffusers folder (`from_pretrained` loads it) with its sampler's record
+        (`sampling.json`); returns whether this process wrote.
 
         Under FSDP2 every rank must call it: the full weights are gathered to rank 0, which alone writes.
         """
+        from tmd_lightning.checkpoints import write_sampling_record  # checkpoints builds stages: imported on use
+
         network = gathered_network(self.network)
         if network is None:
             return False
         network.save_pretrained(path)
+        write_sampling_record(path, self.sampler)
         return True

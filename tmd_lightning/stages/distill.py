@@ -17,22 +17,25 @@ the TTUR schedule and Lightning's `global_step` (one optimizer step per update) 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tmd_lightning.callbacks.finite import agreed, all_finite, non_finite_error
-from tmd_lightning.losses import gan_discriminator_loss, gan_generator_loss, vsd_gradient, vsd_loss
+from tmd_lightning.flow import interpolate, shift, time_grid, x0_from_velocity
+from tmd_lightning.losses import (
+    flow_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    vsd_gradient,
+    vsd_loss,
+)
 from tmd_lightning.models.lora import (
     FAKE_SCORE,
     STUDENT,
@@ -44,17 +47,13 @@ from tmd_lightning.models.lora import (
     merged_copy,
 )
 from tmd_lightning.models.wan_parts import block_features, wan_velocity
-from tmd_lightning.sampling import effective_nfe, shift, time_grid
-from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
-from tmd_lightning.stages.student import few_step_wan_sample, student_latents, student_nfe
+from tmd_lightning.runtime.rng import gather_rng_states, restore_rng, rng_state
+from tmd_lightning.sampling import FewStepSampler, TMDSampler, cfg_velocity
+from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)
 
 X_HAT = ("eps_minus_y", "x_minus_ty")
-
-
-def _rows(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1, 1)
 
 
 class DistillStage(VideoStage):
@@ -87,7 +86,6 @@ class DistillStage(VideoStage):
     """
 
     network_attr = "student"
-    sampling_stage = ""  # the class `sample` rebuilds around the student alone (no teacher, no critics)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, codec: nn.Module, text_encoder: nn.Module,
                  optimizer: partial | None, discriminator: partial | nn.Module | None = None,
@@ -150,10 +148,8 @@ class DistillStage(VideoStage):
         keep = {f"teacher.{k}" for k in adapter_parameters(self.teacher, FAKE_SCORE)}  # the LoRA fake score
         for key in [k for k in state if k.startswith("teacher.") and k not in keep]:
             del state[key]
-        checkpoint["distill"] = {"iteration": self.iteration, "micro_step": self.micro_step, "rng": _rng_state(),
-                                 "rng_by_rank": _gather_rng_states()}  # data-parallel ranks draw their own noise
-        checkpoint["tmd_lightning"] |= {"sampling_stage": self.sampling_stage,
-                                        "sampler_defaults": dict(self.sampler_defaults)}
+        checkpoint["distill"] = {"iteration": self.iteration, "micro_step": self.micro_step, "rng": rng_state(),
+                                 "rng_by_rank": gather_rng_states()}  # data-parallel ranks draw their own noise
         if self.lora.student:  # how `loading` rebuilds the adapter before merging it into a plain student
             checkpoint["tmd_lightning"]["lora"] = {"adapter": STUDENT, **self.lora.record()}
 
@@ -165,19 +161,19 @@ class DistillStage(VideoStage):
                 log.warning("checkpoint saved at micro-step %d of iteration %d: its partial gradients were not saved, "
                             "so that update restarts from its first micro-step", record["micro_step"], self.iteration)
             self.micro_step = 0
-            _restore_rng(record)
+            restore_rng(record)
 
     def export_pretrained(self, path: str) -> bool:
         """The student as a diffusers folder plus `sampling.json`, which says how `sample` should run it.
 
         A LoRA student is exported merged (a plain network, loaded like any other). Under FSDP2 every rank calls
         this and rank 0 writes (returns whether this process wrote)."""
-        if self.lora.student:
-            merged_copy(self.student).save_pretrained(path)
-        elif not super().export_pretrained(path):
-            return False
-        (Path(path) / SAMPLING_RECORD).write_text(json.dumps(
-            {"sampling_stage": self.sampling_stage, "sampler_defaults": dict(self.sampler_defaults)}, indent=2))
+        if not self.lora.student:
+            return super().export_pretrained(path)
+        from tmd_lightning.checkpoints import write_sampling_record
+
+        merged_copy(self.student).save_pretrained(path)
+        write_sampling_record(path, self.sampler)
         return True
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -191,8 +187,7 @@ class DistillStage(VideoStage):
         b, M = x.shape[0], self.hparams.M
         t = self.outer_grid[torch.randint(1, M + 1, (b,), device=x.device)]
         eps = torch.randn_like(x)
-        x_t = (1 - _rows(t)) * x + _rows(t) * eps
-        return self.student_x0(x_t, t, eps, text)
+        return self.student_x0(interpolate(x, eps, t), t, eps, text)
 
     def dmd_time(self, b: int) -> torch.Tensor:
         h = self.hparams
@@ -203,14 +198,8 @@ class DistillStage(VideoStage):
 
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """g_real: the teacher's x0 with CFG, the pair as one batched forward."""
-        w = self.hparams.cfg_scale
-        if w == 1.0:
-            v = self.wan_velocity(self.teacher, x_t, t, text)
-        else:
-            v_cond, v_neg = self.wan_velocity(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                              torch.cat([text, neg])).chunk(2)
-            v = v_neg + w * (v_cond - v_neg)
-        return x_t - _rows(t) * v
+        velocity = cfg_velocity(partial(self.wan_velocity, self.teacher), text, neg, self.hparams.cfg_scale)
+        return x0_from_velocity(x_t, t, velocity(x_t, t))
 
     def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
         return block_features(self.teacher, x_t, t, text, self.discriminator.feature_blocks)  # cast by `embed`
@@ -344,9 +333,9 @@ class DistillStage(VideoStage):
         h, b = self.hparams, x.shape[0]
         x_hat = self.sample_from_data(x, text)
         t = self.dmd_time(b)
-        x_hat_t = (1 - _rows(t)) * x_hat + _rows(t) * torch.randn_like(x_hat)
+        x_hat_t = interpolate(x_hat, torch.randn_like(x_hat), t)
         with torch.no_grad():
-            g_fake = x_hat_t - _rows(t) * self.wan_velocity(self.fake_score, x_hat_t, t, text)
+            g_fake = x0_from_velocity(x_hat_t, t, self.wan_velocity(self.fake_score, x_hat_t, t, text))
             g_real = self.teacher_x0(x_hat_t, t, text, neg)
         self.ensure_finite("g_fake", g_fake)
         self.ensure_finite("g_real", g_real)
@@ -380,14 +369,13 @@ class DistillStage(VideoStage):
             x_hat = self.sample_from_data(x, text)
         t = self.dmd_time(b)
         eps = torch.randn_like(x_hat)
-        x_hat_t = (1 - _rows(t)) * x_hat + _rows(t) * eps
-        v_fake = self.wan_velocity(self.fake_score, x_hat_t, t, text)
-        loss_fake = (v_fake - (eps - x_hat)).pow(2).mean()
+        x_hat_t = interpolate(x_hat, eps, t)
+        loss_fake = flow_matching_loss(self.wan_velocity(self.fake_score, x_hat_t, t, text), x_hat, eps)
         self.ensure_finite("loss_fake_score", loss_fake)
         stats = {"loss_fake_score": loss_fake.detach()}
         loss = loss_fake
         if self.discriminator is not None:
-            x_t_real = (1 - _rows(t)) * x + _rows(t) * torch.randn_like(x)
+            x_t_real = interpolate(x, torch.randn_like(x), t)
             with torch.no_grad():  # one batched teacher pass for both branches
                 features = self.teacher_features(torch.cat([x_hat_t, x_t_real]), torch.cat([t, t]),
                                                  torch.cat([text, text]))
@@ -423,8 +411,6 @@ class TMDDistillStage(DistillStage):
         x_hat: "eps_minus_y" (x̂ = ε - ŷ, default) or "x_minus_ty" (x̂ = x_ti - t_i ŷ).
     """
 
-    sampling_stage = "tmd_lightning.stages.student.StudentStage"
-
     def __init__(self, *args: Any, N: int = 2, rollout: bool = True, x_hat: str = "eps_minus_y",
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -433,87 +419,22 @@ class TMDDistillStage(DistillStage):
         self.save_hyperparameters("N", "rollout", "x_hat", logger=False)
         h = self.hparams
         self.register_buffer("inner_grid", time_grid(N, h.grid_gamma, h.t_max).float(), persistent=False)
-        self.sampler_defaults = dict(M=h.M, N=N, gamma=h.grid_gamma, t_max=h.t_max)
+        self.sampler = TMDSampler(h.M, N, h.grid_gamma, h.t_max)
 
     def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         m = self.student.backbone(x_t, t, text)
         y_hat = self.student.inner_flow(m, self.inner_grid, torch.randn_like(x_t),
                                         detach_steps=not self.hparams.rollout)
-        return eps - y_hat if self.hparams.x_hat == "eps_minus_y" else x_t - _rows(t) * y_hat
-
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
-                       **sampler: Any) -> torch.Tensor:
-        return student_latents(self, noise, text, seeds, self.sampler_options(**sampler))
-
-    def sampler_nfe(self, **sampler: Any) -> float:
-        return student_nfe(self.student, self.sampler_options(**sampler))
+        return eps - y_hat if self.hparams.x_hat == "eps_minus_y" else x0_from_velocity(x_t, t, y_hat)
 
 
 class DMD2Stage(DistillStage):
     """The DMD2-v baseline: no flow head; the student is the full Wan model and x̂ = g(x_ti, t_i) = x_ti - t_i v."""
 
-    sampling_stage = "tmd_lightning.stages.student.FewStepWanStage"
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         h = self.hparams
-        self.sampler_defaults = dict(M=h.M, gamma=h.grid_gamma, t_max=h.t_max)
+        self.sampler = FewStepSampler(h.M, h.grid_gamma, h.t_max)
 
     def student_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return x_t - _rows(t) * self.wan_velocity(self.student, x_t, t, text)
-
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
-                       **sampler: Any) -> torch.Tensor:
-        opts = self.sampler_options(**sampler)
-        return few_step_wan_sample(self.student, noise, text, opts["M"], opts["gamma"], opts["t_max"])
-
-    def sampler_nfe(self, **sampler: Any) -> float:
-        return effective_nfe(self.sampler_options(**sampler)["M"])
-
-
-def _rng_state() -> dict[str, Any]:
-    """torch / numpy / python / CUDA generator states as tensors and plain types (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                       int(has_gauss), float(gauss)],
-             "python": list(random.getstate()[1]) + [random.getstate()[0]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _gather_rng_states() -> list[dict[str, Any]] | None:
-    """Every rank's generator states (rank order) when several processes train; None in a single process.
-
-    Collective: `on_save_checkpoint` runs on every rank, and only rank 0's checkpoint dict is written."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
-            or torch.distributed.get_world_size() == 1:
-        return None
-    states: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, _rng_state())
-    return states
-
-
-def _restore_rng(record: dict[str, Any]) -> None:
-    """This rank's generator states from a checkpoint: its own when the run had the same number of ranks, the single
-    state of a one-process run; otherwise the per-rank streams set up at fit start are kept (and logged)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    by_rank = record.get("rng_by_rank")
-    if by_rank is not None and len(by_rank) == world:
-        _set_rng_state(by_rank[rank])
-    elif world == 1:
-        _set_rng_state(record["rng"])
-    else:
-        log.warning("checkpoint saved with %s rank(s), resumed with %d: random streams restart from seed + rank, "
-                    "so the resumed run is not bit-exact", len(by_rank) if by_rank else 1, world)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    *internal, version = state["python"]
-    random.setstate((version, tuple(internal), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        return x0_from_velocity(x_t, t, self.wan_velocity(self.student, x_t, t, text))

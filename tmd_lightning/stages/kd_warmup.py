@@ -7,7 +7,6 @@ multi-step DMD2-v and TMD start without one. `KDWarmupStage` trains that student
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ from torch import nn
 
 from tmd_lightning.models import load_transformer
 from tmd_lightning.models.wan_parts import wan_velocity
-from tmd_lightning.sampling import effective_nfe
-from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
-from tmd_lightning.stages.student import few_step_wan_sample
+from tmd_lightning.sampling import FewStepSampler
+from tmd_lightning.stages.base import VideoStage
 
 KD_COMMANDS = ("python -m tmd_lightning.kd_pairs", "python -m tmd_lightning.fit experiment=kd_warmup")
 
@@ -30,7 +28,7 @@ class KDWarmupStage(VideoStage):
     loss `MSE(x̂, x_teacher)`, where `x_teacher` is the teacher's sample (50 Euler steps, CFG 5) from the same noise ε.
 
     `x̂` is the x0 parameterisation DMD2-v trains (`DMD2Stage.student_x0`) at the one-step grid's only time
-    t_max = 0.999, and exactly what DMD2-v's one-step sampler computes from ε (`few_step_wan_sample` with M = 1),
+    t_max = 0.999, and exactly what DMD2-v's one-step sampler computes from ε (`FewStepSampler` with M = 1),
     so the warm-up trains the map the distilled student then samples with. The teacher saw ε as pure noise (t = 1);
     the student sees it at t_max, as Wan was pretrained and as every student grid ends.
 
@@ -50,7 +48,6 @@ class KDWarmupStage(VideoStage):
     """
 
     network_attr = "student"
-    sampling_stage = "tmd_lightning.stages.student.FewStepWanStage"  # how `sample` runs the trained student
 
     def __init__(self, student: nn.Module, codec: nn.Module, text_encoder: nn.Module, optimizer: partial | None,
                  scheduler: partial | None = None, negative_prompt: str = "", t_max: float = 0.999,
@@ -62,7 +59,7 @@ class KDWarmupStage(VideoStage):
         self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)
         self.student = student
         self.activation_checkpointing = activation_checkpointing
-        self.sampler_defaults = dict(M=1, gamma=grid_gamma, t_max=t_max)
+        self.sampler = FewStepSampler(M=1, gamma=grid_gamma, t_max=t_max)  # how `sample` runs the trained student
 
     def one_step(self, noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """x̂ = g(ε, t_max) = ε - t_max v_θ(ε, t_max, c), with gradients; the velocity as the one-step sampler
@@ -87,27 +84,6 @@ class KDWarmupStage(VideoStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The same loss on held-out pairs (deterministic: nothing is drawn)."""
         self.log("val/loss", self.kd_loss(batch), prog_bar=True, batch_size=batch["noise"].shape[0], sync_dist=True)
-
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
-                       **sampler: Any) -> torch.Tensor:
-        opts = self.sampler_options(**sampler)
-        return few_step_wan_sample(self.student, noise, text, opts["M"], opts["gamma"], opts["t_max"])
-
-    def sampler_nfe(self, **sampler: Any) -> float:
-        return effective_nfe(self.sampler_options(**sampler)["M"])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # `sample` rebuilds the one-step sampling stage from this record
-        checkpoint["tmd_lightning"] |= {"sampling_stage": self.sampling_stage,
-                                        "sampler_defaults": dict(self.sampler_defaults)}
-
-    def export_pretrained(self, path: str) -> bool:
-        """The student as a diffusers folder plus `sampling.json` (one-step DMD2-v sampling by default)."""
-        if not super().export_pretrained(path):
-            return False
-        (Path(path) / SAMPLING_RECORD).write_text(json.dumps(
-            {"sampling_stage": self.sampling_stage, "sampler_defaults": dict(self.sampler_defaults)}, indent=2))
-        return True
 
 
 def dmd2_student(pretrained: str, M: int, kd_export: str, kd_warmup: bool | str = "auto") -> nn.Module:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tmd_lightning.flow import interpolate, shift
 from tmd_lightning.losses import flow_matching_loss
 from tmd_lightning.models.wan_parts import wan_velocity
-from tmd_lightning.sampling import cfg_velocity, effective_nfe, shift, teacher_sample
+from tmd_lightning.sampling import TeacherSampler
 from tmd_lightning.stages.base import VideoStage
 
 
@@ -45,7 +46,7 @@ class TeacherStage(VideoStage):
         self.save_hyperparameters(ignore=["transformer", "codec", "text_encoder"], logger=False)
         self.transformer = transformer
         self.activation_checkpointing = activation_checkpointing
-        self.sampler_defaults = dict(steps=50, cfg=5.0, gamma=3.0, solver="euler") | dict(sampler or {})
+        self.sampler = TeacherSampler().with_options(**dict(sampler or {}))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Teacher velocity `v(x_t, t, c)` in float32, for weights in any dtype; Wan is called with timestep 1000 t."""
@@ -62,8 +63,7 @@ class TeacherStage(VideoStage):
         u = torch.rand(b, device=self.device) * (h.t_max - h.t_min) + h.t_min
         t = shift(u, h.t_shift)
         noise = torch.randn_like(x)
-        tb = t.view(-1, 1, 1, 1, 1)
-        x_t = (1 - tb) * x + tb * noise
+        x_t = interpolate(x, noise, t)
         loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
@@ -78,19 +78,8 @@ class TeacherStage(VideoStage):
         for t_val in (0.25, 0.5, 0.75, 0.95):
             noise = torch.randn(x.shape, generator=g).to(x)
             t = torch.full((x.shape[0],), t_val, device=self.device)
-            x_t = (1 - t_val) * x + t_val * noise
+            x_t = interpolate(x, noise, t)
             loss = flow_matching_loss(self.velocity(x_t, t, text), x, noise)
             self.log(f"val/loss_t{t_val}", loss, batch_size=x.shape[0], sync_dist=True)
             losses.append(loss)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x.shape[0], sync_dist=True)
-
-    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, seeds: list[int] | None = None,
-                       **sampler: Any) -> torch.Tensor:
-        opts = self.sampler_options(**sampler)
-        neg = self.negative_embedding(noise.shape[0]) if opts["cfg"] != 1.0 else None
-        velocity = cfg_velocity(self.velocity, text, neg, opts["cfg"])
-        return teacher_sample(velocity, noise, opts["steps"], opts["gamma"], opts["solver"])
-
-    def sampler_nfe(self, **sampler: Any) -> float:
-        opts = self.sampler_options(**sampler)
-        return effective_nfe(opts["steps"], cfg=opts["cfg"] != 1.0)

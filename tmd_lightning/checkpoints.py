@@ -1,9 +1,11 @@
-"""Rebuilding a stage for sampling from whatever a run left: a Lightning checkpoint (a `.ckpt` file, or the DCP folder
-an FSDP2 run writes) or a diffusers folder.
+"""Checkpoints and exported folders: reading them safely, and rebuilding a network with its sampler from them.
 
-Nothing a file names is imported or called beyond a closed set: class records (a checkpoint's stage and network, an
-export's `sampling.json`) resolve only to this package's stages and networks, and checkpoints unpickle with torch's
-`weights_only` loader, which builds only tensors, plain containers and the allow-listed `checkpoint_globals`.
+A checkpoint (a `.ckpt` file, or the DCP folder an FSDP2 run writes) records under `tmd_lightning` its network's class
+name and config, the attribute the network lives under, and its sampler (`Sampler.to_record`: a kind and options); an
+exported diffusers folder records its sampler in `sampling.json`. Nothing a file names is imported or called beyond a
+closed set: network names resolve only through `NETWORK_CLASSES`, sampler kinds only through `sampling`'s kinds, and
+checkpoints unpickle with torch's `weights_only` loader, which builds only tensors, plain containers and the
+allow-listed `checkpoint_globals`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from torch import nn
 from tmd_lightning.models.folders import require_safetensors
 from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.tmd import TMDTransformer
-from tmd_lightning.stages.base import SAMPLING_RECORD, VideoStage
-from tmd_lightning.stages.student import StudentStage
-from tmd_lightning.stages.teacher import TeacherStage
+from tmd_lightning.sampling import Sampler, TeacherSampler, TMDSampler, sampler_from_record
+from tmd_lightning.stages.base import SAMPLING_RECORD
+from tmd_lightning.stages.sampling_stage import SamplingStage
 from tmd_lightning.strategies import CHECKPOINT_MODEL_KEY, is_distributed_checkpoint
 
 NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
@@ -46,21 +48,6 @@ def network_class(name: str, source: Any) -> type[nn.Module]:
     if name not in NETWORK_CLASSES:
         raise ValueError(f"{source}: names network class {name!r}, which is not one of {sorted(NETWORK_CLASSES)}")
     return NETWORK_CLASSES[name]
-
-
-def stage_class(name: str, source: Any) -> type[VideoStage]:
-    """The stage class a record names (`module.Class`), from this package's stages only: never an import of what a
-    file names. Every stage is imported with `tmd_lightning.stages`."""
-    stages, todo = {}, [VideoStage]
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__.startswith("tmd_lightning."):
-            stages[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    if name not in stages:
-        raise ValueError(f"{source}: names stage class {name!r}, which is not one of tmd_lightning's stages "
-                         f"{sorted(stages)}")
-    return stages[name]
 
 
 def network_from_record(meta: dict[str, Any], source: Any = "checkpoint") -> nn.Module:
@@ -185,43 +172,31 @@ def read_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict[str, 
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.Module,
-                          teacher_config: dict[str, Any] | None = None) -> VideoStage:
-    """The stage a `.ckpt` was saved from, with its network rebuilt from the architecture stored in it.
-
-    Checkpoints written before that record existed are teacher checkpoints; `teacher_config` gives their shape.
-    """
-    ckpt = read_checkpoint(path)
+def checkpoint_record(ckpt: dict[str, Any], source: Any) -> dict[str, Any]:
+    """The `tmd_lightning` record every stage writes into its checkpoints (network class, config, attribute,
+    sampler); a one-line error for a checkpoint without it."""
     meta = ckpt.get("tmd_lightning")
-    if meta is None:
-        if teacher_config is None:
-            raise ValueError(f"{path} records no architecture; pass the teacher's transformer_config")
-        meta = {"stage": "tmd_lightning.stages.teacher.TeacherStage", "network_attr": "transformer",
-                "network_class": "WanTransformer3DModel", "network_config": dict(teacher_config)}
-    network = network_from_record(meta, path)
-    if meta.get("sampling_stage"):  # a distillation checkpoint: the student alone, without teacher and critics
-        prefix = meta["network_attr"] + "."
-        load_merged_state(network, {k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
-                                    if k.startswith(prefix)}, meta.get("lora"))  # a LoRA student: merged
-        return _sampling_stage(meta, network, codec, text_encoder, ckpt["hyper_parameters"].get("negative_prompt", ""),
-                               path)
-    stage_cls = stage_class(meta["stage"], path)
-    if is_distributed_checkpoint(path):  # Lightning's load_from_checkpoint reads files only
-        stage = stage_cls(**(dict(ckpt["hyper_parameters"]) | {"codec": codec, "text_encoder": text_encoder,
-                                                                meta["network_attr"]: network}))
-        stage.on_load_checkpoint(ckpt)
-        stage.load_state_dict(ckpt["state_dict"], strict=False)
-        return stage
-    with safe_loading():
-        return stage_cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, codec=codec,
-                                              text_encoder=text_encoder, **{meta["network_attr"]: network})
+    if not isinstance(meta, dict) or not {"network_attr", "network_class", "network_config", "sampler"} <= set(meta):
+        raise CheckpointError(f"{source}: not a tmd_lightning stage checkpoint (no network and sampler record); "
+                              "sample a diffusers folder instead, or a checkpoint a tmd_lightning stage wrote")
+    return meta
 
 
-def _sampling_stage(record: dict[str, Any], network: nn.Module, codec: nn.Module, text_encoder: nn.Module,
-                    negative_prompt: str, source: Any) -> VideoStage:
-    defaults = dict(record["sampler_defaults"])
-    defaults["grid_gamma"] = defaults.pop("gamma")
-    return stage_class(record["sampling_stage"], source)(network, codec, text_encoder, negative_prompt, **defaults)
+def network_state(ckpt: dict[str, Any], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's weights in a checkpoint's `state_dict` (under its attribute's prefix), without the prefix."""
+    prefix = meta["network_attr"] + "."
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_checkpoint_stage(path: str | Path, codec: nn.Module, text_encoder: nn.Module) -> SamplingStage:
+    """The network a checkpoint trained (its raw weights; a LoRA student merged) with the sampler it recorded: the
+    network alone, without teacher, critics or optimizer state."""
+    ckpt = read_checkpoint(path)
+    meta = checkpoint_record(ckpt, path)
+    sampler, network = sampler_from_record(meta["sampler"], path), network_from_record(meta, path)
+    load_merged_state(network, network_state(ckpt, meta), meta.get("lora"))
+    negative_prompt = (ckpt.get("hyper_parameters") or {}).get("negative_prompt", "")
+    return SamplingStage(network, codec, text_encoder, sampler, negative_prompt)
 
 
 def pretrained_class(folder: str | Path) -> tuple[str, Path]:
@@ -233,23 +208,35 @@ def pretrained_class(folder: str | Path) -> tuple[str, Path]:
     raise FileNotFoundError(f"no config.json in {folder} or {folder / 'transformer'}: not a diffusers model folder")
 
 
+DEFAULT_SAMPLERS = {"WanTransformer3DModel": TeacherSampler, "TMDTransformer": TMDSampler}  # folders without a record
+
+
+def folder_sampler(model_dir: Path, class_name: str) -> Sampler:
+    """The sampler an exported folder recorded in `sampling.json`, else its network class's default (a Wan folder
+    from elsewhere is a teacher)."""
+    record = model_dir / SAMPLING_RECORD
+    if record.is_file():
+        data = json.loads(record.read_text())
+        if "sampler" not in data:
+            raise ValueError(f"{record}: no sampler record (written by an older tmd_lightning?); re-export the "
+                             "checkpoint with `python -m tmd_lightning.export`")
+        return sampler_from_record(data["sampler"], record)
+    return DEFAULT_SAMPLERS[class_name]()
+
+
 def load_pretrained_stage(folder: str | Path, codec: nn.Module, text_encoder: nn.Module,
-                          negative_prompt: str = "", **student_defaults: Any) -> VideoStage:
-    """A sampling-only stage around a diffusers folder: a TMD student (`StudentStage`) or a Wan teacher."""
+                          negative_prompt: str = "") -> SamplingStage:
+    """A diffusers folder (a Wan teacher, a TMD student, a distilled Wan student) with its sampler."""
     class_name, model_dir = pretrained_class(folder)
     require_safetensors(model_dir)
-    record = model_dir / SAMPLING_RECORD
-    if record.is_file():  # an exported distilled student
-        network = network_class(class_name, model_dir).from_pretrained(str(model_dir), local_files_only=True,
-                                                                       use_safetensors=True)
-        return _sampling_stage(json.loads(record.read_text()), network, codec, text_encoder, negative_prompt, record)
-    if class_name == "TMDTransformer":
-        student = TMDTransformer.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
-        return StudentStage(student, codec, text_encoder, negative_prompt, **student_defaults)
-    if class_name != "WanTransformer3DModel":
-        raise ValueError(f"{model_dir} holds a {class_name!r}; expected WanTransformer3DModel or TMDTransformer")
-    transformer = WanTransformer3DModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True)
-    return TeacherStage(transformer, codec, text_encoder, optimizer=None, negative_prompt=negative_prompt)
+    network = network_class(class_name, model_dir).from_pretrained(str(model_dir), local_files_only=True,
+                                                                   use_safetensors=True)
+    return SamplingStage(network, codec, text_encoder, folder_sampler(model_dir, class_name), negative_prompt)
+
+
+def write_sampling_record(folder: str | Path, sampler: Sampler) -> None:
+    """`sampling.json` beside an exported network: how `sample` runs it."""
+    (Path(folder) / SAMPLING_RECORD).write_text(json.dumps({"sampler": sampler.to_record()}, indent=2))
 
 
 def load_student(checkpoint: str | Path) -> nn.Module:
@@ -259,8 +246,8 @@ def load_student(checkpoint: str | Path) -> nn.Module:
         raise FileNotFoundError(f"no student checkpoint at {path}: run `python -m tmd_lightning.fit "
                                 "experiment=adapt_head` first, or set stage.student.checkpoint=PATH")
     ckpt = read_checkpoint(path, "stage.student.checkpoint")
-    meta = ckpt.get("tmd_lightning")
-    if meta is None or meta["network_attr"] != "student":
+    meta = checkpoint_record(ckpt, path)
+    if meta["network_attr"] != "student":
         raise ValueError(f"{path} is not a student checkpoint (adapt_head or distill)")
     from tmd_lightning.models.rank0 import skip_weights
 
@@ -268,6 +255,24 @@ def load_student(checkpoint: str | Path) -> nn.Module:
         with torch.device("meta"):
             return network_from_record(meta, path)
     student = network_from_record(meta, path)
-    load_merged_state(student, {k[len("student."):]: v for k, v in ckpt["state_dict"].items()
-                                if k.startswith("student.")}, meta.get("lora"))  # a LoRA student: merged
+    load_merged_state(student, network_state(ckpt, meta), meta.get("lora"))  # a LoRA student: merged
     return student
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Saves the trained network of a stage checkpoint (EMA weights if it holds any and `use_ema`; a LoRA student
+    merged) as a diffusers folder with its sampler's record: what a run that finishes exports by itself."""
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
+    meta = checkpoint_record(ckpt, checkpoint)
+    network, state = network_from_record(meta, checkpoint), network_state(ckpt, meta)
+    ema = next((s for name, s in ckpt.get("callbacks", {}).items() if name.startswith("EMA")), None)
+    if use_ema and ema is not None:
+        state.update(ema["shadow"])
+    load_merged_state(network, state, meta.get("lora"))
+    default = checkpoint.parent.parent / "export" / f"{meta['network_attr']}_step{ckpt['global_step']}"
+    out = Path(out) if out else default
+    network.save_pretrained(str(out))
+    write_sampling_record(out, sampler_from_record(meta["sampler"], checkpoint))
+    print(f"exported step {ckpt['global_step']} ({'EMA' if use_ema and ema else 'raw'} weights) to {out}")
+    return out
