@@ -68,4 +68,4 @@ def test_notebook_executes_from_the_repository_root():
 def test_notebook_falls_back_to_the_shipped_teacher_without_checkpoints(tmp_path):
     (tmp_path / "tmd_lightning").symlink_to(ROOT / "tmd_lightning", target_is_directory=True)  # ROOT := tmp_path
     printed = _check_executed(_execute(tmp_path))
-    assert "stage: TeacherStage" in printed and "teacher 4 steps" in printed
+    assert "sampler: TeacherSampler" in printed and "teacher 4 steps" in printed

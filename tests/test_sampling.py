@@ -10,10 +10,13 @@ import torch
 from tmd_lightning.flow import shift, time_grid
 from tmd_lightning.sampling import (
     FewStepSampler,
+    TeacherSampler,
+    TMDSampler,
     cfg_velocity,
     dmd2_sample,
     effective_nfe,
     euler_sample,
+    sampler_from_record,
     student_grids,
     teacher_sample,
     tmd_sample,
@@ -305,3 +308,51 @@ def test_bf16_weights_sample_like_float32():
         assert x.dtype == torch.float32, name
         error = float((x - reference[name]).norm() / reference[name].norm())
         assert 0 < error < BF16_SAMPLE_TOLERANCE, (name, error)  # > 0: the bf16 weights were really used
+
+
+# ------------------------------------------------------------------------------------------------------ sampler objects
+
+
+@pytest.mark.parametrize("sampler", [TeacherSampler(steps=7, cfg=1.0, solver="unipc"), TMDSampler(M=1, N=4),
+                                     FewStepSampler(M=3, gamma=5.0)])
+def test_a_sampler_round_trips_through_its_record(sampler) -> None:
+    import json
+
+    record = json.loads(json.dumps(sampler.to_record()))  # what a checkpoint or sampling.json holds: plain JSON
+    assert record["kind"] == sampler.kind and sampler_from_record(record) == sampler
+
+
+def test_sampler_options_are_checked_and_none_keeps_the_default() -> None:
+    sampler = TMDSampler()
+    assert sampler.with_options(M=1, N=None).options() == {"M": 1, "N": 2, "gamma": 10.0, "t_max": 0.999}
+    assert sampler.options()["M"] == 2  # immutable: with_options returns a new sampler
+    with pytest.raises(ValueError, match=r"TMDSampler has no sampler option\(s\) \['steps'\]"):
+        sampler.with_options(steps=4)
+    with pytest.raises(ValueError, match="names sampler kind 'nope'"):
+        sampler_from_record({"kind": "nope"})
+
+
+def test_sampler_labels_and_nfe() -> None:
+    student = _tiny_student()  # L = 3 blocks, H = 1
+    assert TeacherSampler().label() == "Euler 50 x CFG 5" and TeacherSampler().nfe(student.wan) == 100
+    assert TeacherSampler(steps=2, cfg=1.0).label() == "Euler 2, no CFG"
+    assert TMDSampler(M=2, N=2).label() == "TMD M=2 N=2"
+    assert TMDSampler(M=2, N=2).nfe(student) == pytest.approx(effective_nfe(2, 2, student.head_blocks,
+                                                                           student.num_layers))
+    assert FewStepSampler(M=1).label() == "few-step M=1" and FewStepSampler(M=1).nfe(student.wan) == 1
+
+
+def test_the_teacher_sampler_is_cfg_euler_on_the_wan_velocity() -> None:
+    """`TeacherSampler.sample` = `teacher_sample` of the CFG velocity, independently composed here."""
+    from tmd_lightning.models.wan_parts import wan_velocity
+
+    wan = _tiny_student().wan
+    g = torch.Generator().manual_seed(3)
+    noise, text, neg = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 5, 16, generator=g), \
+        torch.randn(2, 5, 16, generator=g)
+    velocity = cfg_velocity(lambda x, t, c: wan_velocity(wan, x, t, c), text, neg, 4.0)
+    with torch.no_grad():
+        expected = teacher_sample(velocity, noise, steps=3, gamma=3.0)
+        trajectory: list = []
+        got = TeacherSampler(steps=3, cfg=4.0).sample(wan, noise, text, neg, trajectory=trajectory)
+    assert torch.equal(got, expected) and len(trajectory) == 3 and torch.equal(trajectory[-1]["x"], got)
