@@ -321,7 +321,7 @@ def test_model_configs_hold_the_paper_values(tmp_path: Path) -> None:
         assert {k: distill.lora[k] for k in plan_lora} == dict(plan_lora)
 
 
-# -- FSDP2 with the bf16 MixedPrecisionPolicy (stages/parallel.py), verdicts, experiment=wan_* -------------------------
+# -- FSDP2 with the bf16 MixedPrecisionPolicy (runtime/parallel.py), verdicts, experiment=wan_* ----------------------
 D14, F14, L14, H = 5120, 13824, 40, 5
 # one Wan 14B block by hand: 8 attention Linear, q/k norms, FFN, affine norm2, scale_shift_table
 BLOCK14 = 8 * D14 * D14 + 8 * D14 + 4 * D14 + 2 * D14 * F14 + F14 + D14 + 2 * D14 + 6 * D14

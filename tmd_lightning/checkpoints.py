@@ -29,10 +29,10 @@ from torch import nn
 from tmd_lightning.models.folders import require_safetensors
 from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.tmd import TMDTransformer
+from tmd_lightning.runtime.strategies import CHECKPOINT_MODEL_KEY, is_distributed_checkpoint
 from tmd_lightning.sampling import Sampler, TeacherSampler, TMDSampler, sampler_from_record
 from tmd_lightning.stages.base import SAMPLING_RECORD
 from tmd_lightning.stages.sampling_stage import SamplingStage
-from tmd_lightning.strategies import CHECKPOINT_MODEL_KEY, is_distributed_checkpoint
 
 NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
 SAFE_GLOBALS_ENV = "TMD_SAFE_GLOBALS"  # comma-separated dotted names the user trusts checkpoints to hold

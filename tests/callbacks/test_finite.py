@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tmd_lightning.callbacks import ExportPretrained, FinalStateCheckpoint, FiniteGuard
-from tmd_lightning.callbacks.finite import all_finite
+from tmd_lightning.runtime.finite import all_finite
 
 
 class _Diverging(L.LightningModule):

@@ -47,7 +47,7 @@ def main(out: Path) -> None:
     from tmd_lightning.models import build_student, load_transformer
     from tmd_lightning.models.precision import cast_model
     from tmd_lightning.models.rank0 import rank0_weights
-    from tmd_lightning.stages.parallel import is_meta, shard_stage
+    from tmd_lightning.runtime.parallel import is_meta, shard_stage
 
     torch.set_num_threads(1)
     rank = int(os.environ["LOCAL_RANK"])

@@ -272,7 +272,7 @@ def test_a_trainable_parameter_outside_every_network_stops_fsdp_at_setup(runs):
 
 def test_ema_refuses_fsdp_at_setup(encoder):
     from tmd_lightning.callbacks import EMA
-    from tmd_lightning.strategies import FSDP2Strategy
+    from tmd_lightning.runtime.strategies import FSDP2Strategy
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), logger=False)
     stage = W.make_stage("adapt_head", encoder)
@@ -284,7 +284,7 @@ def test_ema_refuses_fsdp_at_setup(encoder):
 def test_manual_optimisation_needs_ddp_to_find_unused_parameters(encoder):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from tmd_lightning.stages.parallel import configure_parallel
+    from tmd_lightning.runtime.parallel import configure_parallel
 
     stage = W.make_stage("tmd", encoder)
     for strategy, error, match in [(DDPStrategy(), ValueError, "find_unused_parameters=True"),
@@ -344,7 +344,7 @@ def test_trainer_configs_compose_into_the_strategies(tmp_path, name):
     from lightning.pytorch.strategies import DDPStrategy
 
     from tmd_lightning.config import CONFIG_DIR, register_resolvers
-    from tmd_lightning.strategies import FSDP2Strategy
+    from tmd_lightning.runtime.strategies import FSDP2Strategy
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -1,5 +1,5 @@
 """FSDP2 memory on CPU with two gloo processes (tests/stages/meta_init_worker.py): meta-device initialisation with
-rank-0 loading and broadcast, and the bf16 `MixedPrecisionPolicy` of trainable networks (stages/parallel.py).
+rank-0 loading and broadcast, and the bf16 `MixedPrecisionPolicy` of trainable networks (runtime/parallel.py).
 
 - Rank 1 builds the teacher and the TMD student on the meta device (`models.rank0.rank0_weights`): it holds no
   weight byte before sharding, only its shards after, and the gathered sharded weights equal, bit for bit, what

@@ -10,7 +10,8 @@ import lightning as L
 from torch.distributed.tensor import DTensor
 
 from tmd_lightning.callbacks.ema import find_ema
-from tmd_lightning.callbacks.finite import MAX_ABS_WEIGHT, agreed, all_finite, find_guard
+from tmd_lightning.callbacks.finite import find_guard
+from tmd_lightning.runtime.finite import MAX_ABS_WEIGHT, agreed, all_finite
 
 log = logging.getLogger(__name__)
 

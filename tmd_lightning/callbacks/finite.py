@@ -1,5 +1,6 @@
-"""The NaN guard every stage shares: a run stops on its first non-finite loss or gradient, never writes a checkpoint
-or export whose weights are non-finite or unbounded, and names the last checkpoint it can resume from.
+"""The NaN guard every stage shares (its checks: `runtime/finite.py`): a run stops on its first non-finite loss or
+gradient, never writes a checkpoint or export whose weights are non-finite or unbounded, and names the last
+checkpoint it can resume from.
 
 A diverging run (too high a learning rate, bf16 overflow, a corrupt batch) otherwise goes on for hours on NaN
 weights, exports them and exits 0. Checking before each optimizer step means the weights of the step that failed
@@ -10,56 +11,15 @@ one is the "last good" state — not merely the previous iteration, which may al
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.distributed.tensor import DTensor
 
 from tmd_lightning.callbacks.ema import find_ema
+from tmd_lightning.runtime.finite import MAX_ABS_WEIGHT, agreed, all_finite, non_finite_error
 
 log = logging.getLogger(__name__)
-MAX_ABS_WEIGHT = 1.0e4  # a trained Wan's weights stay below ~10 in magnitude; 1e4 means the run has blown up
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def all_finite(tensors: Iterable[torch.Tensor], max_abs: float = float("inf")) -> bool:
-    """Whether every tensor (this rank's shard of a DTensor) is finite with |value| <= max_abs."""
-    tensors = [_local(t).detach() for t in tensors if t is not None and t.is_floating_point()]
-    tensors = [t for t in tensors if t.numel()]  # a rank's shard may be empty (a 1-element parameter on 2 ranks)
-    if not tensors:
-        return True
-    peaks = torch.stack([t.abs().amax().float() for t in tensors])  # inf/NaN propagate through amax
-    return bool(torch.isfinite(peaks).all() and peaks.max() <= max_abs)
-
-
-def agreed(trainer: L.Trainer | None, ok: bool) -> bool:
-    """`ok` on every rank (a collective under data parallelism, so every rank stops together)."""
-    if trainer is not None and trainer.world_size > 1:
-        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
-    return ok
-
-
-def last_good_checkpoint(trainer: L.Trainer | None) -> Path | None:
-    """The newest checkpoint of this run: every checkpoint written under the guard passed the weight bound."""
-    callback = trainer.checkpoint_callback if trainer is not None else None
-    if callback is None or not callback.dirpath or not Path(callback.dirpath).is_dir():
-        return None
-    found = sorted(Path(callback.dirpath).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-def non_finite_error(trainer: L.Trainer | None, what: str) -> FloatingPointError:
-    """The error that stops the run: what went non-finite, and where to resume from."""
-    good = last_good_checkpoint(trainer)
-    where = (f"; the last checkpoint with finite weights is {good} (resume with ckpt_path={good}, e.g. with a lower "
-             "learning rate)") if good else "; no checkpoint was written before it"
-    return FloatingPointError(f"non-finite {what}{where}")
 
 
 class FiniteGuard(L.Callback):

@@ -12,9 +12,9 @@ from torch import nn
 from tmd_lightning.flow import interpolate, shift, time_grid, velocity_target
 from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
 from tmd_lightning.models.wan_parts import compute_dtype
+from tmd_lightning.runtime.parallel import rows_to_run
 from tmd_lightning.sampling import TMDSampler
 from tmd_lightning.stages.base import VideoStage
-from tmd_lightning.stages.parallel import rows_to_run
 
 
 class AdaptHeadStage(VideoStage):
@@ -86,7 +86,7 @@ class AdaptHeadStage(VideoStage):
     def full_precision_modules(self) -> list[nn.Module]:
         """With `fd_full_precision` the finite-difference head passes run with autocast off in the weights' dtype:
         under FSDP2 the student's head blocks and its root unit (fusion, Δ-embedder, output head) are then gathered in
-        float32, the backbone's blocks in bf16 (`stages/parallel.py`)."""
+        float32, the backbone's blocks in bf16 (`runtime/parallel.py`)."""
         if not self.hparams.fd_full_precision:
             return []
         wan = self.student.wan

@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from tmd_lightning.runtime.parallel import configure_parallel, gathered_network, network_class, seed_per_rank
 from tmd_lightning.sampling import Sampler
-from tmd_lightning.stages.parallel import configure_parallel, gathered_network, network_class, seed_per_rank
 
 FROZEN_PREFIXES = ("codec.", "text_encoder.")
 SAMPLING_RECORD = "sampling.json"  # next to an exported network: its sampler's record (kind and options)
@@ -21,7 +21,7 @@ class VideoStage(L.LightningModule):
     The frozen encoders are submodules (so Lightning moves them to the device) but are stripped from every
     checkpoint: they load from their own folders, and UMT5-XXL alone is 11B parameters.
 
-    Data parallelism (`trainer=ddp` / `trainer=fsdp`) is set up in `configure_model` (stages/parallel.py): the
+    Data parallelism (`trainer=ddp` / `trainer=fsdp`) is set up in `configure_model` (runtime/parallel.py): the
     FSDP2 units per Wan block, DDP's settings, and activation checkpointing when `activation_checkpointing` is set.
     """
 
@@ -80,12 +80,12 @@ class VideoStage(L.LightningModule):
         seed_per_rank(self.trainer)  # data-parallel ranks draw different noise (no-op in a single process)
 
     def configure_model(self) -> None:
-        """Activation checkpointing and the strategy's needs (FSDP2 sharding, DDP checks); see stages/parallel.py."""
+        """Activation checkpointing and the strategy's needs (FSDP2 sharding, DDP checks); see runtime/parallel.py."""
         configure_parallel(self, self.activation_checkpointing)
 
     def full_precision_modules(self) -> list[nn.Module]:
         """Modules whose weights some call needs in float32 under bf16-mixed: FSDP2 shards them without its bf16
-        `MixedPrecisionPolicy` (stages/parallel.py), so autocast casts them as on one device. None by default."""
+        `MixedPrecisionPolicy` (runtime/parallel.py), so autocast casts them as on one device. None by default."""
         return []
 
     def train(self, mode: bool = True):  # frozen encoders stay in eval mode

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from tmd_lightning.callbacks.finite import agreed, all_finite, non_finite_error
 from tmd_lightning.flow import interpolate, shift, time_grid, x0_from_velocity
 from tmd_lightning.losses import (
     flow_matching_loss,
@@ -47,6 +46,7 @@ from tmd_lightning.models.lora import (
     merged_copy,
 )
 from tmd_lightning.models.wan_parts import block_features, wan_velocity
+from tmd_lightning.runtime.finite import agreed, all_finite, non_finite_error
 from tmd_lightning.runtime.rng import gather_rng_states, restore_rng, rng_state
 from tmd_lightning.sampling import FewStepSampler, TMDSampler, cfg_velocity
 from tmd_lightning.stages.base import VideoStage

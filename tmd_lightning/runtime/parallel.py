@@ -2,7 +2,7 @@
 checkpointing, per-rank random streams, and a sharded network gathered whole for export.
 
 Everything here is called from `VideoStage.configure_model` / `setup` / `export_pretrained`, so every stage gets
-it; the strategies themselves are plain Lightning (`DDPStrategy`) or `tmd_lightning.strategies.FSDP2Strategy`.
+it; the strategies themselves are plain Lightning (`DDPStrategy`) or `tmd_lightning.runtime.strategies.FSDP2Strategy`.
 
 FSDP2 layout (`fully_shard`), decided per network of the stage (its registered children):
 - every Wan block (`WanTransformerBlock`) is one FSDP unit: its weights are gathered for its forward and freed after;
@@ -64,14 +64,14 @@ def configure_parallel(stage: L.LightningModule, activation_checkpointing: bool 
             raise ValueError(f"{type(strategy).__name__} has a tensor-parallel mesh of size "
                              f"{stage.device_mesh['tensor_parallel'].size()}, but the stages apply no tensor "
                              "parallelism (ranks would read the same batches unsynchronised): use trainer=fsdp "
-                             "(tmd_lightning.strategies.FSDP2Strategy) or tensor_parallel_size=1")
+                             "(tmd_lightning.runtime.strategies.FSDP2Strategy) or tensor_parallel_size=1")
         shard_stage(stage, stage.device_mesh["data_parallel"],
                     sharding_param_dtype(strategy, str(stage.trainer.precision)))
     elif isinstance(strategy, DDPStrategy):
         prepare_ddp(stage, strategy)
     elif not isinstance(strategy, SingleDeviceStrategy):
         raise TypeError(f"{type(strategy).__name__} is not supported by {type(stage).__name__}: use trainer=ddp "
-                        "(DDPStrategy) or trainer=fsdp (tmd_lightning.strategies.FSDP2Strategy); Lightning's "
+                        "(DDPStrategy) or trainer=fsdp (tmd_lightning.runtime.strategies.FSDP2Strategy); Lightning's "
                         "FSDPStrategy cannot run the distill stage's manual optimisation with three optimizers")
 
 

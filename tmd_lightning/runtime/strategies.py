@@ -2,7 +2,7 @@
 
 Lightning's `FSDPStrategy` (FSDP1) cannot run manual optimisation with several optimizers and is not used. Its
 `ModelParallelStrategy` leaves the parallelism to the LightningModule's `configure_model` (our stages call
-`fully_shard` per Wan block there, see `stages/parallel.py`) and saves distributed (DCP) checkpoints. Two of its
+`fully_shard` per Wan block there, see `runtime/parallel.py`) and saves distributed (DCP) checkpoints. Two of its
 defaults do not fit data parallelism and are changed here:
 
 - the device mesh: Lightning's "auto" means data-parallel size = number of nodes and tensor-parallel size = devices
@@ -45,7 +45,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             the full weights and optimizer states on rank 0 into one `.ckpt` file (slow and memory-hungry at 14B).
         process_group_backend: None picks nccl on GPU, gloo on CPU.
         param_dtype: under `bf16-mixed`, the dtype FSDP2 gathers trainable weights in (`MixedPrecisionPolicy`:
-            float32 sharded master weights, bf16 all-gathers, float32 gradient reduction; stages/parallel.py);
+            float32 sharded master weights, bf16 all-gathers, float32 gradient reduction; runtime/parallel.py);
             None keeps float32 gathers cast by autocast (a bf16 copy of every gathered block until the step ends).
         meta_init: `fit` builds the networks on the meta device on every rank but global rank 0, which alone reads
             the weights; the shards are filled from rank 0 after sharding (`models/rank0.py`). False: every rank
