@@ -91,7 +91,7 @@ def test_global_batch_must_divide_into_micro_batches(encoder):
 
 
 def test_checkpoint_mid_accumulation_restarts_the_update(encoder, caplog):
-    from tmd_lightning.stages.distill import _rng_state
+    from tmd_lightning.runtime.rng import rng_state
 
     stage = W.make_stage("tmd", encoder, global_batch=4)
     stage.micro_step = 1
@@ -100,7 +100,7 @@ def test_checkpoint_mid_accumulation_restarts_the_update(encoder, caplog):
     assert checkpoint["distill"]["micro_step"] == 1
     resumed = W.make_stage("tmd", encoder, global_batch=4)
     with caplog.at_level("WARNING"):
-        resumed.on_load_checkpoint({"distill": {"iteration": 3, "micro_step": 1, "rng": _rng_state()}})
+        resumed.on_load_checkpoint({"distill": {"iteration": 3, "micro_step": 1, "rng": rng_state()}})
     assert resumed.iteration == 3 and resumed.micro_step == 0 and "restarts from its first micro-step" in caplog.text
 
 

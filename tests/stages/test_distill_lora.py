@@ -233,7 +233,7 @@ def test_lora_student_trains_adapters_only_and_exports_merged(text_encoder, tmp_
     with torch.no_grad():
         want = stage.sample_latents(noise, text, seeds=[0, 1])
         for sampler in (exported, from_ckpt):
-            assert type(sampler.student) is type(stage.student)
+            assert type(sampler.network) is type(stage.student)
             torch.testing.assert_close(sampler.sample_latents(noise, text, seeds=[0, 1]), want, rtol=1e-4,
                                        atol=1e-5)
     videos = [s.generate(all_captions()[:2], [0, 1], 9, 16, 16) for s in (stage, exported)]
