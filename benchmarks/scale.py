@@ -14,7 +14,7 @@ Text embeddings are random (512 x 4096 per caption), latents are random (no VAE,
 Training rows run one video per iteration with activation checkpointing on every Wan network (`--no-checkpointing`
 to turn it off). Peak memory is `torch.cuda.max_memory_allocated` over the timed iterations (on CPU: the bytes of
 the stage's parameters, gradients and optimizer states plus the peak of the tensors the iteration allocates, from
-`plan.TensorBytes`); "plan" is `python -m tmd_lightning.plan`'s estimate of the same iteration. Sampling rows run
+`planning.TensorBytes`); "plan" is `python -m tmd_lightning.plan`'s estimate of the same iteration. Sampling rows run
 the bf16 networks under no_grad and exclude VAE decoding.
 """
 
@@ -39,12 +39,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tmd_lightning import plan  # noqa: E402
-from tmd_lightning.config import CONFIG_DIR  # noqa: E402
+from tmd_lightning import planning  # noqa: E402
+from tmd_lightning.config import CONFIG_DIR, register_resolvers  # noqa: E402
 from tmd_lightning.models import Discriminator, TMDTransformer  # noqa: E402
 from tmd_lightning.models.codecs import Codec  # noqa: E402
 from tmd_lightning.sampling import cfg_velocity, effective_nfe, teacher_sample, tmd_sample  # noqa: E402
 from tmd_lightning.stages import AdaptHeadStage, DMD2Stage, TMDDistillStage  # noqa: E402
+
+register_resolvers()  # the configs use ${tmd_asset:...} and ${tmd_one_step:...}
 
 # --smoke: the 1.3B layout at tiny widths, so CPU runs every code path in seconds
 SMOKE = ["model.architecture.num_attention_heads=2", "model.architecture.attention_head_dim=16",
@@ -84,11 +86,11 @@ def plan_config(args: argparse.Namespace, device: torch.device) -> Any:
 
 def planner(cfg: Any, checkpointing: bool) -> Callable[[str], dict[str, float]]:
     """`plan`'s per-device peak of each iteration kind of a stage (full mode) in this benchmark's setting."""
-    networks = plan.build_networks(cfg)
-    counts = plan.count_all(networks, cfg.lora)
-    sizes = plan.sizes(cfg, LatentCodec(), plan.wan_architecture(cfg.model))
-    setup = plan.Setup("single", 1, plan.parse_precision(cfg.trainer.precision))
-    return lambda stage: plan.iteration_totals(stage, "full", counts, sizes, setup, cfg, checkpointing)
+    networks = planning.build_networks(cfg)
+    counts = planning.count_all(networks, cfg.lora)
+    sizes = planning.sizes(cfg, LatentCodec(), planning.wan_architecture(cfg.model))
+    setup = planning.Setup("single", 1, planning.parse_precision(cfg.trainer.precision))
+    return lambda stage: planning.iteration_totals(stage, "full", counts, sizes, setup, cfg, checkpointing)
 
 
 def build_teacher(cfg: Any, device: torch.device) -> nn.Module:
@@ -96,7 +98,7 @@ def build_teacher(cfg: Any, device: torch.device) -> nn.Module:
     from diffusers import WanTransformer3DModel
 
     with torch.device(device):
-        return WanTransformer3DModel(**plan.wan_architecture(cfg.model))
+        return WanTransformer3DModel(**planning.wan_architecture(cfg.model))
 
 
 def checkpointed(*nets: nn.Module, enabled: bool) -> None:
@@ -130,7 +132,7 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / repeats, float(torch.cuda.max_memory_allocated())
     seconds = (time.perf_counter() - start) / repeats
-    with plan.TensorBytes() as tracker:
+    with planning.TensorBytes() as tracker:
         fn()
     return seconds, float(static() + tracker.peak)
 
@@ -146,7 +148,7 @@ def state_bytes(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer
 def batch(cfg: Any, args: argparse.Namespace, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random latents of a (frames, height, width) video and random text embeddings, `args.batch` of each."""
     latent = LatentCodec().latent_shape(frames, args.height, args.width)
-    arch = plan.wan_architecture(cfg.model)
+    arch = planning.wan_architecture(cfg.model)
     text = torch.randn(args.batch, int(cfg.model.text_encoder.max_length), arch["text_dim"], device=device)
     return torch.randn(args.batch, *latent, device=device), text
 
@@ -162,7 +164,7 @@ def bench_adapt_head(cfg: Any, args: argparse.Namespace, device: torch.device,
     """Stage 1: one TM-MF step (forward, zero_grad, backward, AdamW) of the TMD student, as Lightning orders it."""
     student = TMDTransformer.from_teacher(build_teacher(cfg, device), head_blocks=int(cfg.tmd.H))
     checkpointed(student, enabled=args.checkpointing)
-    text_len, text_dim = int(cfg.model.text_encoder.max_length), plan.wan_architecture(cfg.model)["text_dim"]
+    text_len, text_dim = int(cfg.model.text_encoder.max_length), planning.wan_architecture(cfg.model)["text_dim"]
     stage = AdaptHeadStage(student, LatentCodec(), RandomText(text_len, text_dim), partial(torch.optim.AdamW, lr=3e-5),
                            M=int(cfg.tmd.M), N=int(cfg.tmd.N)).to(device).train()
     stage.log = stage.log_dict = lambda *a, **k: None
@@ -186,7 +188,7 @@ def distill_stage(kind: str, cfg: Any, args: argparse.Namespace, device: torch.d
     teacher = build_teacher(cfg, device)
     student = TMDTransformer.from_teacher(teacher, head_blocks=int(cfg.tmd.H)) if kind == "TMD" \
         else copy.deepcopy(teacher)
-    text_len, text_dim = int(cfg.model.text_encoder.max_length), plan.wan_architecture(cfg.model)["text_dim"]
+    text_len, text_dim = int(cfg.model.text_encoder.max_length), planning.wan_architecture(cfg.model)["text_dim"]
     disc = partial(Discriminator, feature_blocks=tuple(cfg.model.disc_blocks),
                    hidden_dim=int(cfg.discriminator_hidden_dim))
     common = dict(codec=LatentCodec(), text_encoder=RandomText(text_len, text_dim),
@@ -265,7 +267,7 @@ def bench_sampling(cfg: Any, args: argparse.Namespace, device: torch.device) -> 
 
 def table(rows: list[dict[str, Any]], unit: str = "GiB") -> str:
     """The Markdown table; memory in GiB (MiB for the tiny --smoke sizes)."""
-    scale = plan.GIB if unit == "GiB" else 2**20
+    scale = planning.GIB if unit == "GiB" else 2**20
     lines = [f"| benchmark | setting | seconds | peak {unit} | plan {unit} |", "|---|---|---:|---:|---:|"]
     for r in rows:
         estimate = "" if r["plan"] is None else f"{r['plan'] / scale:.2f}"
@@ -284,7 +286,7 @@ def device_name(device: torch.device) -> str:
 def header(args: argparse.Namespace, device: torch.device, cfg: Any) -> list[str]:
     """The lines above the table: date, device, network shape, precision, video sizes and repeats."""
     name = device_name(device)
-    arch = plan.wan_architecture(cfg.model)
+    arch = planning.wan_architecture(cfg.model)
     train = LatentCodec().latent_shape(args.frames, args.height, args.width)
     sample = LatentCodec().latent_shape(args.sample_frames, args.height, args.width)
     date = datetime.datetime.now().isoformat(timespec="seconds")

@@ -8,7 +8,7 @@ one-line `ValueError` that names the override to set:
 - LoRA under FSDP2 (`stage.lora.fake_score` / `stage.lora.student` with `trainer=fsdp`), which the stage refuses only
   after loading the weights -> `trainer=ddp` or the LoRA flags off;
 - memory, where the per-GPU memory is known (`gpu_memory_gib`, else the CUDA device's): the memory plan
-  (`tmd_lightning.plan`, docs/plan.md) of the run's stage, model, strategy and micro batch, with and without
+  (`tmd_lightning.planning`, docs/plan.md) of the run's stage, model, strategy and micro batch, with and without
   activation checkpointing -> `stage.activation_checkpointing=true`, `data.batch_size=1`, or what else would fit;
 - the global batch (`stage.global_batch`) must divide into world size x micro batch.
 
@@ -174,7 +174,7 @@ def plan_config(cfg: DictConfig) -> DictConfig:
 
 def planned_gib(cfg: DictConfig, stage: str, micro_batch: int, checkpointing: bool) -> float:
     """The plan's per-GPU peak (GiB) of `stage` for this run at `micro_batch`, with or without checkpointing."""
-    from tmd_lightning import plan as P
+    from tmd_lightning import planning as P
 
     pcfg = plan_config(cfg)
     pcfg.micro_batch = micro_batch
