@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tiny_wan_folder import write_tiny_toy_teacher
 
+import tmd_lightning.data.generation as generation
 import tmd_lightning.generate as generate
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError, VideoTextDataModule
@@ -86,7 +87,7 @@ def test_rerun_writes_only_the_missing_items_and_a_finished_set_loads_no_network
     def forbidden(*a, **k):
         raise AssertionError("a finished set loads no network")
 
-    monkeypatch.setattr(generate, "load_stage", forbidden)
+    monkeypatch.setattr(generation, "load_stage", forbidden)
     assert generate.run(_cfg(teacher, out, "rank=0", "world_size=1"))["written"] == []
     with pytest.raises(CacheError, match="another configuration"):
         generate.run(_cfg(teacher, out, "rank=0", "world_size=1", "sampler.steps=3"))
@@ -136,4 +137,4 @@ def test_prompts_from_a_csv_column(tmp_path):
     assert resolve_prompts(str(tmp_path / "p.csv")) == ["a red circle", "a blue square"]
     with pytest.raises(ValueError, match="no column 'text'"):
         resolve_prompts(str(tmp_path / "p.csv"), "text")
-    assert generate.plan_items(["a", "b"], 2, 5) == [(0, "a", 5), (1, "a", 6), (2, "b", 7), (3, "b", 8)]
+    assert generation.plan_items(["a", "b"], 2, 5) == [(0, "a", 5), (1, "a", 6), (2, "b", 7), (3, "b", 8)]

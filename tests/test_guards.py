@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.fit import run, without_lr_monitor
+from tmd_lightning.fit import run
 from tmd_lightning.guards import check_config, check_memory
 
 register_resolvers()
@@ -104,12 +103,6 @@ def test_a_run_that_fits_nowhere_says_what_would_help(tmp_path: Path) -> None:
 def test_no_memory_check_on_cpu(tmp_path: Path) -> None:
     check_memory(_compose(tmp_path, "experiment=wan_distill", "model=wan2.1_t2v_14b", "trainer.accelerator=cpu",
                           "data.batch_size=8"))
-
-
-def test_no_lr_monitor_without_a_logger() -> None:
-    callbacks = [LearningRateMonitor(), object()]
-    assert without_lr_monitor(callbacks, []) == callbacks[1:]
-    assert without_lr_monitor(callbacks, [object()]) == callbacks
 
 
 def test_logger_none_runs(tmp_path: Path) -> None:

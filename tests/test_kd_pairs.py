@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from tiny_wan_folder import write_tiny_toy_teacher
 
+import tmd_lightning.data.cache_writer as cache_writer
+import tmd_lightning.data.teacher_pairs as teacher_pairs
 import tmd_lightning.kd_pairs as kd_pairs
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError
@@ -109,7 +111,7 @@ def test_the_cache_datamodule_serves_noise_target_and_text(cache, toy_text_encod
 def test_killed_run_resumes_with_the_missing_shards_only(cache, teacher, monkeypatch):
     out = teacher.parent / "resumed"
     written: list[str] = []
-    real_write = kd_pairs.write_shard
+    real_write = cache_writer.write_shard
 
     def write_then_die(path, *a, **k):
         if written:  # the second shard: a kill halfway through its write leaves a partial temporary file
@@ -118,7 +120,7 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, teacher, monkeyp
         written.append(f"{path.parent.name}/{path.name}")
         real_write(path, *a, **k)
 
-    monkeypatch.setattr(kd_pairs, "write_shard", write_then_die)
+    monkeypatch.setattr(cache_writer, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         kd_pairs.run(_cfg(teacher, out, "rank=0", "world_size=1"))
     assert written == ["train/shard_00000.safetensors"] and not (out / "index.json").exists()
@@ -128,7 +130,7 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, teacher, monkeyp
         real_write(path, *a, **k)
 
     written.clear()
-    monkeypatch.setattr(kd_pairs, "write_shard", record_write)
+    monkeypatch.setattr(cache_writer, "write_shard", record_write)
     index = kd_pairs.run(_cfg(teacher, out, "rank=0", "world_size=1"))["index"]
     assert written == ["train/shard_00001.safetensors", "train/shard_00002.safetensors", "val/shard_00000.safetensors"]
     assert not list(out.rglob("*.tmp"))
@@ -145,8 +147,8 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, teacher, monkeyp
         raise AssertionError("a finished cache loads no network")
 
     written.clear()  # a rerun over the finished cache loads neither the teacher nor the text encoder
-    monkeypatch.setattr(kd_pairs, "load_transformer", forbidden)
-    monkeypatch.setattr(kd_pairs, "instantiate", forbidden)
+    monkeypatch.setattr(teacher_pairs, "load_transformer", forbidden)
+    monkeypatch.setattr(teacher_pairs, "instantiate", forbidden)
     assert kd_pairs.run(_cfg(teacher, out, "rank=0", "world_size=1"))["written"] == [] and written == []
 
 

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from tiny_wan_folder import write_toy_videos
 
+import tmd_lightning.data.cache_writer as cache_writer
+import tmd_lightning.data.encoding as encoding
 import tmd_lightning.precompute as precompute
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError, ManifestError, VideoTextDataModule, get_backend
@@ -105,7 +107,7 @@ def test_prompts_are_served_without_the_text_encoder(cache, toy_text_encoder) ->
 
 def test_rerun_of_a_finished_cache_loads_no_encoder(cache, videos, monkeypatch) -> None:
     out, index = cache
-    monkeypatch.setattr(precompute, "instantiate", _forbidden_encoder(precompute.instantiate))
+    monkeypatch.setattr(encoding, "instantiate", _forbidden_encoder(encoding.instantiate))
     again = precompute.run(_cfg(videos, out, f"data.train_manifest={videos}/train.csv",
                                 f"data.val_manifest={videos}/val.csv", f"prompts=[{','.join(PROMPTS)}]"))
     assert again["written"] == [] and again["index"] == index
@@ -124,7 +126,7 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, videos, monkeypa
     out = videos / "resumed"
     args = (f"data.train_manifest={videos}/train.csv",)
     written: list[str] = []
-    real_write = precompute.write_shard
+    real_write = cache_writer.write_shard
 
     def write_then_die(path, *a, **k):
         if written:  # the second shard: a kill halfway through its write leaves a partial temporary file
@@ -133,7 +135,7 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, videos, monkeypa
         written.append(path.name)
         real_write(path, *a, **k)
 
-    monkeypatch.setattr(precompute, "write_shard", write_then_die)
+    monkeypatch.setattr(cache_writer, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         precompute.run(_cfg(videos, out, *args))
     assert written == ["shard_00000.safetensors"] and not (out / "index.json").exists()  # index comes last
@@ -145,7 +147,7 @@ def test_killed_run_resumes_with_the_missing_shards_only(cache, videos, monkeypa
         written.append(path.name)
         real_write(path, *a, **k)
 
-    monkeypatch.setattr(precompute, "write_shard", record_write)
+    monkeypatch.setattr(cache_writer, "write_shard", record_write)
     result = precompute.run(_cfg(videos, out, *args))
     index = result["index"]
     assert written == ["shard_00001.safetensors", "shard_00002.safetensors"]

@@ -3,7 +3,7 @@
 `python tests/stages/meta_init_worker.py OUT` with LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (and
 TMD_DIST_DEVICE=cuda for NCCL on 2 GPUs, as benchmarks/gpu_check.sh runs it). Rank 0
 writes a tiny Wan folder; both ranks then load a teacher (`load_transformer`) and a TMD student (`build_student`)
-under `models.rank0.rank0_weights()`, so rank 1 builds them on the meta device, and `stages.parallel.shard_stage`
+under `models.rank0.rank0_weights()`, so rank 1 builds them on the meta device, and `runtime.parallel.shard_stage`
 shards them with FSDP2's bf16 `MixedPrecisionPolicy` and fills rank 1's shards from rank 0. Rank 0 saves what the
 test compares to OUT/meta_init.pt: rank 0's loaded weights, the gathered sharded weights, what rank 1 held before
 sharding, the dtypes the blocks' Linear layers saw in a forward and the gradients' dtypes.

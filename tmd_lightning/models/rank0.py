@@ -1,7 +1,7 @@
 """Loading weights on global rank 0 only (FSDP2 meta-device initialisation, docs/method.md §9).
 
 Under `trainer=fsdp` every rank builds the stage, but only global rank 0 needs to read the weights: the other ranks
-build each network on the meta device (shapes, no memory), `stages.parallel.shard_stage` shards it, allocates only
+build each network on the meta device (shapes, no memory), `runtime.parallel.shard_stage` shards it, allocates only
 the local shards (`to_empty`) and fills them from rank 0 (`set_model_state_dict(..., broadcast_from_rank0=True)`).
 A 14B run then holds one full copy of each network in CPU memory on its node's rank 0 instead of one per rank.
 
