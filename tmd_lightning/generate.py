@@ -62,9 +62,8 @@ from tmd_lightning.data.sharding import (
     report_share,
 )
 from tmd_lightning.data.toy_world import write_mp4
-from tmd_lightning.evaluation import prepare_stage, resolve_device, resolve_prompts
+from tmd_lightning.evaluation import load_stage, prepare_stage, resolve_device, resolve_prompts
 from tmd_lightning.quiet import quiet_third_party
-from tmd_lightning.sample import load_stage
 from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def video_name(item: int, seed: int) -> str:
 
 
 class Teacher:
-    """The teacher stage (`sample.load_stage`: `checkpoint` or `model.pretrained`), loaded on first use, ready to
+    """The teacher stage (`evaluation.load_stage`: `checkpoint` or `model.pretrained`), loaded on first use, ready to
     sample on this process's device: a rerun over a finished output loads nothing."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
