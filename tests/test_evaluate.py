@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import itertools
 from pathlib import Path
 
 import pytest
@@ -12,30 +11,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
-from tmd_lightning.evaluate import pareto_front, run
-from tmd_lightning.evaluation import sampler_label
+from tmd_lightning.evaluate import run
 
 register_resolvers()
-
-
-def test_pareto_front_against_brute_force():
-    points = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 3.5), (5, 1), (0.5, 9)]
-    front = set(pareto_front(points))
-
-    def dominated(i: int) -> bool:
-        x, y = points[i]
-        return any(a <= x and b <= y and (a, b) != (x, y) for a, b in points)
-
-    assert front == {i for i in range(len(points)) if not dominated(i)} == {0, 1, 3, 6}
-    for i, j in itertools.combinations(front, 2):  # no front point dominates another
-        assert not (points[i][0] <= points[j][0] and points[i][1] <= points[j][1])
-
-
-def test_sampler_labels():
-    assert sampler_label({"steps": 50, "cfg": 5.0}) == "Euler 50 x CFG 5"
-    assert sampler_label({"steps": 2, "cfg": 1.0}) == "Euler 2, no CFG"
-    assert sampler_label({"M": 2, "N": 4}) == "TMD M=2 N=4"
-    assert sampler_label({"M": 3}) == "few-step M=3"
 
 
 @pytest.mark.slow
@@ -119,11 +97,11 @@ def test_evaluate_with_fvd_on_real_prompts(tmp_path: Path):
     # the same number from the metric directly
     from tmd_lightning.data.backends import get_backend
     from tmd_lightning.data.manifest import read_manifest
-    from tmd_lightning.evaluation import generate, load_model
+    from tmd_lightning.evaluation import generate_videos, load_model
 
     stage = load_model(cfg.model.pretrained, *(instantiate(cfg.model[k]) for k in ("codec", "text_encoder"))).eval()
     pairs = [(p, s) for p in ["a red circle moving left", "a blue square moving up"] for s in (0, 1)]
-    videos, _ = generate(stage, pairs, (17, 16, 16), 64, steps=1, cfg=5.0)
+    videos, _ = generate_videos(stage, pairs, (17, 16, 16), 64, steps=1, cfg=5.0)
     backend = get_backend("auto")
     fvd = FrechetVideoDistance(I3DFeatures(detector))
     fvd.update(torch.stack([torch.from_numpy(backend.read(e.path, 16)) for e in read_manifest(manifest)[:20]]),

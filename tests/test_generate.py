@@ -19,7 +19,7 @@ from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError, VideoTextDataModule
 from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import all_captions
-from tmd_lightning.sample import load_stage
+from tmd_lightning.evaluation import load_stage
 
 CAPTIONS = all_captions()[:3]
 SEED = 11

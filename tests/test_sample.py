@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import tmd_lightning.evaluation.generate as loading
 import tmd_lightning.sample as sample
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 
@@ -61,7 +62,7 @@ def test_a_bad_checkpoint_fails_before_the_encoders_load(tmp_path, monkeypatch, 
     def no_encoders(*args, **kwargs):
         raise AssertionError("the codec or text encoder loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(sample, "instantiate", no_encoders)
+    monkeypatch.setattr(loading, "instantiate", no_encoders)  # where `sample` loads its model
     with pytest.raises((FileNotFoundError, ValueError)) as info:
         sample.run(_compose(tmp_path, f"checkpoint={ckpt}"))
     message = str(info.value)

@@ -340,6 +340,8 @@ def test_sampler_labels_and_nfe() -> None:
     assert TMDSampler(M=2, N=2).nfe(student) == pytest.approx(effective_nfe(2, 2, student.head_blocks,
                                                                            student.num_layers))
     assert FewStepSampler(M=1).label() == "few-step M=1" and FewStepSampler(M=1).nfe(student.wan) == 1
+    assert TMDSampler().with_options(N=4).label() == "TMD M=2 N=4" and FewStepSampler(M=3).label() == "few-step M=3"
+    assert TeacherSampler(steps=8, solver="unipc").label() == "UniPC 8 x CFG 5"
 
 
 def test_the_teacher_sampler_is_cfg_euler_on_the_wan_velocity() -> None:

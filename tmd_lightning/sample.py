@@ -18,44 +18,27 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tmd_lightning.checkpoints import check_checkpoint, load_checkpoint_stage, load_pretrained_stage
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption
 from tmd_lightning.evaluation import (
+    ToyReference,
     allow_tf32,
+    load_stage,
     prepare_stage,
     resolve_device,
     resolve_prompts,
-    toy_reference,
     toy_report,
 )
 from tmd_lightning.media import media_options, write_run_media
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.progress import progress
 from tmd_lightning.quiet import quiet_third_party
-from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)
 register_resolvers()
-
-
-
-def load_stage(cfg: DictConfig) -> VideoStage:
-    """The network to sample: a stage's Lightning checkpoint, a diffusers folder (teacher or TMD student), or the
-    model's teacher."""
-    source = cfg.get("checkpoint") or cfg.model.pretrained
-    if str(source).endswith(".ckpt"):
-        check_checkpoint(source, "checkpoint")  # a missing or truncated file fails before the encoders load
-    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
-    if str(source).endswith(".ckpt"):
-        return load_checkpoint_stage(source, codec, text_encoder)
-    return load_pretrained_stage(source, codec, text_encoder, cfg.model.negative_prompt)
-
-
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -95,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         for p in prompts:
             parse_caption(p)
-        summary["toy"] = toy_report(videos, [p for p, _ in pairs], toy_reference(cfg))
+        summary["toy"] = toy_report(videos, [p for p, _ in pairs], ToyReference.from_config(cfg))
     except ValueError:
         pass  # not toy prompts: no analytic metrics
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -18,12 +18,9 @@ from torch import Tensor, nn
 from tmd_lightning.metrics import (
     FrechetVideoDistance,
     I3DFeatures,
-    ToyFeatures,
     frechet_distance,
-    gaussian_stats,
     load_i3d_detector,
     preprocess_i3d,
-    toy_features,
 )
 
 STAND_IN_DIM = 8
@@ -170,6 +167,68 @@ def test_metric_states_sum_through_torchmetrics_sync():
     assert (this.num_real, this.num_fake) == (4, 6)  # unsynced again after compute
 
 
+# ------------------------------------------------------------------------------ a real side kept through reset
+
+
+class _MeanPixels(nn.Module):
+    """`_mean_pixels` as a module, the form torchmetrics' FID takes a custom feature extractor in."""
+
+    num_features = 12
+
+    def forward(self, videos: Tensor) -> Tensor:
+        return _mean_pixels(videos)
+
+
+def _rounds() -> tuple[Tensor, list[Tensor]]:
+    """Real videos and two rounds of generated ones (different counts, one shifted)."""
+    return _videos(20, (12, 4, 6, 6, 3)), [_videos(21, (9, 4, 6, 6, 3)) // 2 + 40, _videos(22, (7, 4, 6, 6, 3))]
+
+
+def test_kept_real_side_survives_reset_like_a_recomputation_from_scratch():
+    """`reset_real_features=False`: each round after `reset` equals a metric built from scratch on all real videos
+    and that round's generated ones (same updates, so bit for bit), and the scipy reference."""
+    real, rounds = _rounds()
+    kept = FrechetVideoDistance(_mean_pixels, num_features=12, reset_real_features=False)
+    kept.update(real[:5], real=True), kept.update(real[5:], real=True)
+    for fake in rounds:
+        kept.reset()
+        assert (kept.num_real, kept.num_fake) == (12, 0)
+        kept.update(fake, real=False)
+        fresh = FrechetVideoDistance(_mean_pixels, num_features=12)
+        fresh.update(real[:5], real=True), fresh.update(real[5:], real=True), fresh.update(fake, real=False)
+        assert float(kept.compute()) == float(fresh.compute())
+        expected = _numpy_fd(_mean_pixels(real).numpy(), _mean_pixels(fake).numpy())
+        assert float(kept.compute()) == pytest.approx(expected, rel=1e-7)
+
+
+def test_kept_real_side_matches_torchmetrics_fid_option():
+    """The same rounds through torchmetrics' FID with its `reset_real_features=False` and the same features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real, rounds = _rounds()
+    ours = FrechetVideoDistance(_mean_pixels, num_features=12, reset_real_features=False)
+    theirs = FrechetInceptionDistance(feature=_MeanPixels(), reset_real_features=False)
+    for metric in (ours, theirs):
+        metric.update(real, real=True)
+    for fake in rounds:
+        values = []
+        for metric in (ours, theirs):
+            metric.reset()
+            metric.update(fake, real=False)
+            values.append(float(metric.compute()))
+        assert values[0] == pytest.approx(values[1], rel=1e-7)
+
+
+def test_default_reset_clears_both_sides():
+    real, (fake, _) = _rounds()
+    metric = FrechetVideoDistance(_mean_pixels, num_features=12)
+    metric.update(real, real=True), metric.update(fake, real=False)
+    metric.reset()
+    assert (metric.num_real, metric.num_fake) == (0, 0)
+    with pytest.raises(ValueError, match="reset_real_features"):
+        FrechetVideoDistance(_mean_pixels, num_features=12, reset_real_features="no")
+
+
 def test_compute_needs_two_samples_per_side():
     metric = FrechetVideoDistance(_mean_pixels, num_features=12)
     metric.update(_videos(5, (1, 4, 5, 5, 3)), real=True)
@@ -261,19 +320,3 @@ def test_short_videos_raise(stand_in_path):
     with pytest.raises(ValueError, match="16 frames"):
         metric.update(short, real=True)
     assert metric.num_real == 0
-
-
-# ---------------------------------------------------------------------------------------------------- toy-FD
-
-
-def test_toy_features_fvd_equals_frechet_of_toy_features():
-    a, b = _videos(11, (6, 9, 16, 16, 3)), _videos(12, (5, 9, 16, 16, 3))
-    b[:, :, :8] = 20  # a different distribution for one side
-    extractor = ToyFeatures()
-    assert extractor.num_features == toy_features(a).shape[1]
-    metric = FrechetVideoDistance(extractor)
-    metric.update(a[:3], real=True), metric.update(a[3:], real=True)
-    metric.update(b, real=False)
-    expected = frechet_distance(*gaussian_stats(toy_features(a)), *gaussian_stats(toy_features(b)))
-    assert float(expected) > 0
-    assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-7, abs=1e-10)

@@ -23,17 +23,9 @@ import torch
 
 from tmd_lightning.callbacks.ema import find_ema
 from tmd_lightning.callbacks.videos import log_videos
-from tmd_lightning.metrics.diagnostics import colour_saturation, motion_magnitude, seed_diversity
+from tmd_lightning.evaluation.scores import diagnostics
 
 log = logging.getLogger(__name__)
-
-
-def diagnostics(videos: torch.Tensor, prompt_ids: list[Any]) -> dict[str, float]:
-    """Motion, saturation and (when some prompt has two videos) seed diversity of uint8 videos."""
-    out = {"motion": float(motion_magnitude(videos)), "saturation": float(colour_saturation(videos))}
-    if len(set(prompt_ids)) < len(prompt_ids):
-        out["diversity"] = float(seed_diversity(videos, prompt_ids))
-    return out
 
 
 def rank_items(n: int, rank: int, world_size: int, batch_size: int) -> tuple[list[int], list[list[int]]]:

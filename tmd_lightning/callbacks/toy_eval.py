@@ -12,8 +12,7 @@ import torch
 
 from tmd_lightning.callbacks.sampling_eval import SamplingEvalCallback
 from tmd_lightning.data.toy_world import all_captions
-from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
+from tmd_lightning.evaluation.scores import toy_accuracy, toy_fd, toy_stats
 
 
 class ToyEvalCallback(SamplingEvalCallback):
@@ -30,12 +29,10 @@ class ToyEvalCallback(SamplingEvalCallback):
         return all_captions()
 
     def score(self, trainer: L.Trainer, videos: torch.Tensor, captions: list[str]) -> dict[str, float]:
-        acc = ToyAccuracy(sync_on_compute=False)  # rank 0 scores every video alone: no cross-rank sync
-        acc.update(videos, captions)
-        metrics = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
+        metrics = toy_accuracy(videos, captions)  # rank 0 scores every video alone
         if self._real_stats is None:
             real = self.real_videos(trainer)
-            self._real_stats = gaussian_stats(toy_features(real[0])) if real is not None else None
+            self._real_stats = toy_stats(real[0]) if real is not None else None
         if self._real_stats is not None:
-            metrics["fd"] = float(frechet_distance(*gaussian_stats(toy_features(videos)), *self._real_stats))
+            metrics["fd"] = toy_fd(videos, self._real_stats)
         return metrics

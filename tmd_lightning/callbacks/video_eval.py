@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from tmd_lightning.callbacks.sampling_eval import SamplingEvalCallback
+from tmd_lightning.evaluation.scores import score_clip, score_fvd
 from tmd_lightning.metrics.fvd import FrechetVideoDistance, I3DFeatures
 
 
@@ -32,9 +33,10 @@ class VideoEvalCallback(SamplingEvalCallback):
                  clip_model: str | None = None, num_real: int = 256, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prompt_file, self.num_prompts, self.num_real = prompts, num_prompts, num_real
-        # rank 0 scores every video alone (SamplingEvalCallback gathers them): the metrics sync nothing across ranks
-        self.fvd = FrechetVideoDistance(I3DFeatures(fvd_detector), sync_on_compute=False) if fvd_detector else None
-        self._fvd_real: dict[str, torch.Tensor] | None = None
+        # rank 0 scores every video alone (SamplingEvalCallback gathers them): the metrics sync nothing across ranks;
+        # FVD's real side is embedded at the first evaluation and kept through every later round's reset
+        self.fvd = FrechetVideoDistance(I3DFeatures(fvd_detector), sync_on_compute=False,
+                                        reset_real_features=False) if fvd_detector else None
         self.clip = None
         if clip_model:
             from tmd_lightning.metrics.clip_score import VideoCLIPScore
@@ -59,21 +61,12 @@ class VideoEvalCallback(SamplingEvalCallback):
     def score(self, trainer: L.Trainer, videos: torch.Tensor, captions: list[str]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.fvd is not None:
-            if self._fvd_real is None:  # the real side once; later rounds restore it
+            if self.fvd.num_real == 0:  # the real side once: `reset` keeps it for later rounds
                 real = self.real_videos(trainer, limit=self.num_real)
                 if real is None:
                     raise RuntimeError("FVD needs a DataModule with validation videos")
-                self.fvd.reset()
                 self.fvd.update(real[0], real=True)
-                self._fvd_real = {k: v.clone() for k, v in self.fvd.metric_state.items() if k.startswith("real")}
-            self.fvd.reset()
-            for name, value in self._fvd_real.items():
-                setattr(self.fvd, name, value.clone())
-            self.fvd.update(videos, real=False)
-            metrics |= {"fvd": float(self.fvd.compute()), "fvd_num_real": float(self.fvd.num_real),
-                        "fvd_num_fake": float(self.fvd.num_fake)}
+            metrics |= {k: float(v) for k, v in score_fvd(self.fvd, videos).items()}
         if self.clip is not None:
-            self.clip.reset()
-            self.clip.update(videos, captions)
-            metrics["clip_score"] = float(self.clip.compute())
+            metrics["clip_score"] = score_clip(self.clip, videos, captions)
         return metrics

@@ -29,8 +29,7 @@ from tmd_lightning.data.cache_writer import CacheWriter, ShardContent
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.sharding import ShardJob, atomic_write_text, current_record, finished_records, my_share
 from tmd_lightning.data.toy_world import write_mp4
-from tmd_lightning.evaluation import prepare_stage, resolve_prompts
-from tmd_lightning.sample import load_stage
+from tmd_lightning.evaluation import load_stage, prepare_stage, resolve_prompts
 from tmd_lightning.stages.base import VideoStage
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
 from tmd_lightning.metrics.fvd import (
     FrechetVideoDistance,
     I3DFeatures,
-    ToyFeatures,
     VideoFeatureExtractor,
     load_i3d_detector,
     preprocess_i3d,
@@ -26,7 +25,6 @@ __all__ = [
     "FrechetVideoDistance",
     "I3DFeatures",
     "ToyAccuracy",
-    "ToyFeatures",
     "VideoCLIPScore",
     "VideoFeatureExtractor",
     "classify",

@@ -12,9 +12,11 @@ internal resize is the same half-pixel bilinear resize (not verifiable without t
 ``I3DFeatures(detector_preprocess=True)`` makes the literal StyleGAN-V call instead.
 
 The feature extractor is pluggable: any callable mapping uint8 videos (B, F, H, W, 3) to features (B, d) with a
-``num_features`` attribute (:class:`I3DFeatures`, :class:`ToyFeatures` for toy-FD). The metric keeps only float64
-sums, so its states sum across ranks like torchmetrics' FID, and the extractor is never registered as a submodule:
-metric networks live in callbacks, not in a LightningModule's state dict.
+``num_features`` attribute (:class:`I3DFeatures`). The metric keeps only float64 sums, so its states sum across ranks
+like torchmetrics' FID, and the extractor is never registered as a submodule: metric networks live in callbacks, not
+in a LightningModule's state dict. With ``reset_real_features=False`` (torchmetrics' FID option of the same name) the
+real side survives :meth:`~FrechetVideoDistance.reset`: the reference videos are read and embedded once, and every
+later evaluation adds only its generated videos.
 
 FVDs computed from different sample counts are not comparable (the protocol uses 2048 real and 2048 generated
 clips); :attr:`FrechetVideoDistance.num_real` / :attr:`~FrechetVideoDistance.num_fake` give the counts to report.
@@ -23,6 +25,7 @@ clips); :attr:`FrechetVideoDistance.num_real` / :attr:`~FrechetVideoDistance.num
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,12 +35,12 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from tmd_lightning.metrics.frechet import frechet_distance
-from tmd_lightning.metrics.toy import toy_features
 
 I3D_FILENAME = "i3d_torchscript.pt"
 I3D_NUM_FRAMES = 16
 I3D_RESOLUTION = 224
 I3D_NUM_FEATURES = 400
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
 @runtime_checkable
@@ -149,23 +152,8 @@ class I3DFeatures(nn.Module):
         return torch.cat([self._embed(chunk) for chunk in videos.split(self.batch_size)]).float()
 
 
-class ToyFeatures:
-    """Analytic toy-world features (:func:`toy_features`) behind the extractor interface, for toy-FD.
-
-    ``num_features`` depends on the frame count (per-frame centroid and area), hence ``num_frames``.
-    """
-
-    def __init__(self, num_frames: int = 9) -> None:
-        self.num_frames = num_frames
-        self.num_features = int(toy_features(torch.zeros(1, num_frames, 4, 4, 3, dtype=torch.uint8)).shape[1])
-
-    def __call__(self, videos: Tensor) -> Tensor:
-        _check_videos(videos)
-        return toy_features(videos)
-
-
 class FrechetVideoDistance(Metric):
-    """FVD (or toy-FD) between real and generated videos from any :class:`VideoFeatureExtractor`.
+    """FVD between real and generated videos from any :class:`VideoFeatureExtractor`.
 
     States are float64 feature sums, outer-product sums and counts per side, all summed across ranks; ``compute``
     forms mean and unbiased (n - 1) covariance in float64 and returns :func:`frechet_distance`.
@@ -174,6 +162,9 @@ class FrechetVideoDistance(Metric):
         feature_extractor: callable uint8 (B, F, H, W, 3) -> (B, d); kept outside the module tree (not a submodule),
             so its weights never enter a parent's ``state_dict`` and ``.to()`` does not move it.
         num_features: d; defaults to ``feature_extractor.num_features``.
+        reset_real_features: whether :meth:`reset` also clears the real side (torchmetrics' FID option of the same
+            name). ``False`` for a fixed reference: the real videos are embedded once and each round's ``reset`` clears
+            only the generated side.
     """
 
     is_differentiable = False
@@ -184,9 +175,13 @@ class FrechetVideoDistance(Metric):
         self,
         feature_extractor: VideoFeatureExtractor | Callable[[Tensor], Tensor],
         num_features: int | None = None,
+        reset_real_features: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if not isinstance(reset_real_features, bool):
+            raise ValueError(f"reset_real_features must be a bool, got {reset_real_features!r}")
+        self.reset_real_features = reset_real_features
         num_features = num_features if num_features is not None else getattr(feature_extractor, "num_features", None)
         if num_features is None:
             raise ValueError("pass num_features or give the feature extractor a num_features attribute")
@@ -229,6 +224,17 @@ class FrechetVideoDistance(Metric):
         mean = getattr(self, f"{side}_features_sum") / n
         cov = (getattr(self, f"{side}_features_cov_sum") - n * torch.outer(mean, mean)) / (n - 1)
         return mean, cov
+
+    def reset(self) -> None:
+        """Clears the generated side, and the real side too unless ``reset_real_features`` is False (then the real
+        states are carried over, as torchmetrics' FID does)."""
+        if self.reset_real_features:
+            super().reset()
+            return
+        kept = {name: deepcopy(getattr(self, name)) for name in REAL_STATES}
+        super().reset()
+        for name, value in kept.items():
+            setattr(self, name, value)
 
     def compute(self) -> Tensor:
         """Float64 Fréchet distance between the real and generated feature Gaussians."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from tmd_lightning.evaluation.report import markdown_table, write_csv
 from tmd_lightning.study.runs import Budget, Run
 
 # (key, header, format, higher is better)
@@ -54,14 +55,13 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
 def table(cells: list[Cell], reference_seconds: float | None) -> str:
     """Markdown: NFE, seconds per video (and speed-up), every metric as mean ± half-range over seeds."""
     head = ["model", "sampler", "seeds", "effective NFE", "s / video", "speed-up", *(m[1] for m in METRICS)]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    rows = []
     for c in cells:
         seconds = c.mean("seconds_per_video")
         speed = f"{reference_seconds / seconds:.0f}x" if reference_seconds else ""
-        lines.append("| " + " | ".join([c.family, c.sampler, str(len(c.values["effective_nfe"])),
-                                        f"{c.mean('effective_nfe'):.2f}", f"{seconds:.4f}", speed,
-                                        *(c.text(k, f) if k in c.values else "" for k, _, f, _ in METRICS)]) + " |")
-    return "\n".join(lines)
+        rows.append([c.family, c.sampler, str(len(c.values["effective_nfe"])), f"{c.mean('effective_nfe'):.2f}",
+                     f"{seconds:.4f}", speed, *(c.text(k, f) if k in c.values else "" for k, _, f, _ in METRICS)])
+    return markdown_table(head, rows)
 
 
 @dataclass
@@ -176,11 +176,9 @@ def lora_section(cells: dict[tuple[str, str], Cell], minutes: dict[str, float], 
     out = ["### LoRA mode (the framework's memory option, not a paper claim)", "",
            "The fake score as a rank-16 LoRA adapter on the frozen teacher (`stage.lora.fake_score=true`) against a "
            "full fake-score copy, same seeds and budget:", "",
-           "| sampler | metric | full fake score | LoRA fake score |", "|---|---|---:|---:|"]
-    for sampler, a, b in rows:
-        for key, name, fmt, _ in METRICS:
-            if key in ("acc_joint", "toy_fd", "coverage"):
-                out.append(f"| {sampler} | {name} | {a.text(key, fmt)} | {b.text(key, fmt)} |")
+           markdown_table(["sampler", "metric", "full fake score", "LoRA fake score"],
+                          [[sampler, name, a.text(key, fmt), b.text(key, fmt)] for sampler, a, b in rows
+                           for key, name, fmt, _ in METRICS if key in ("acc_joint", "toy_fd", "coverage")])]
     out += ["", f"Mean minutes per training run: full {run_minutes(full)}, LoRA {run_minutes(lora)} (runs share the "
             "machine with one other run, so minutes are indicative; `python benchmarks/lora.py` measures speed "
             "and memory directly).", ""]
@@ -226,8 +224,6 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
                  seeds: list[int], command: str, wall_minutes: float | None = None,
                  train_minutes: dict[str, float] | None = None) -> Path:
     """REPORT.md, results.csv and quality_vs_nfe.png in `out`; returns the report's path."""
-    from tmd_lightning.study.scores import write_csv
-
     cells = aggregate(rows)
     write_csv(rows, out / "results.csv")
     figure = plot(cells, out / "quality_vs_nfe.png")
@@ -265,7 +261,7 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
         total = sum(train_minutes.values())
         lines += ["## Training cost", "", f"{len(train_minutes)} runs, {total:.0f} minutes of run time in all "
                   "(runs overlap when `--jobs` > 1):", "",
-                  "| run | minutes |", "|---|---:|", *(f"| {k} | {v:.1f} |" for k, v in train_minutes.items()), ""]
+                  markdown_table(["run", "minutes"], [[k, f"{v:.1f}"] for k, v in train_minutes.items()], left=1), ""]
     lines += ["## Files", "", "- `results.csv`: every run x sampler with every metric (one row per training seed).",
               "- `scores/<run>.json`: the cached scores; `runs/<run>/` (not in git): each run's folder with its "
               "config, logs, checkpoints and exported student.", ""]

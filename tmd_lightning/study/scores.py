@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tmd_lightning.evaluation.generate import generate_videos, load_model
+from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
-from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ToyAccuracy, toy_features
 from tmd_lightning.study.runs import Budget, Run, is_done, project_root, student_export
 
 TEACHER_SAMPLERS = ({"cfg": 5.0}, {"steps": 1, "cfg": 5.0}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": 5.0},
@@ -21,37 +19,14 @@ TEACHER_SAMPLERS = ({"cfg": 5.0}, {"steps": 1, "cfg": 5.0}, {"steps": 2, "cfg": 
 BATCH = 64  # videos sampled per call
 
 
-@dataclass
-class Reference:
-    """The held-out real toy videos every model is compared with, decoded and summarised once."""
-
-    captions: list[str]
-    videos: torch.Tensor
-    stats: tuple[torch.Tensor, torch.Tensor]  # toy-feature mean and covariance (toy-FD)
-
-    @classmethod
-    def load(cls, cfg: Any) -> Reference:
-        from tmd_lightning.data.backends import get_backend
-        from tmd_lightning.data.manifest import read_manifest
-        from tmd_lightning.evaluation import toy_reference
-
-        entries = read_manifest(toy_reference(cfg))
-        backend = get_backend("auto")
-        videos = torch.stack([torch.from_numpy(backend.read(e.path, cfg.num_frames)) for e in entries])
-        return cls([e.caption for e in entries], videos, gaussian_stats(toy_features(videos)))
-
-
-def quality(videos: torch.Tensor, captions: list[str], reference: Reference) -> dict[str, float]:
+def quality(videos: torch.Tensor, captions: list[str], reference: ToyReference) -> dict[str, float]:
     """Toy accuracies, toy-FD against the reference and mode coverage of one sampler's videos."""
-    accuracy = ToyAccuracy()
-    accuracy.update(videos, captions)
-    return {**{f"acc_{k}": float(v) for k, v in accuracy.compute().items()},
-            "toy_fd": float(frechet_distance(*gaussian_stats(toy_features(videos)), *reference.stats)),
+    return {**toy_accuracy(videos, captions), "toy_fd": toy_fd(videos, reference.stats),
             **mode_coverage(videos, captions, reference.videos, reference.captions)}
 
 
 def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg: Any,
-                reference: Reference) -> list[dict[str, Any]]:
+                reference: ToyReference) -> list[dict[str, Any]]:
     """Samples one model with each sampler on the budget's prompts and seeds; scores and times it.
 
     Each sampler runs once untimed on one batch first, so the timing excludes one-off warm-up costs.
@@ -59,7 +34,6 @@ def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg:
     from hydra.utils import instantiate
 
     from tmd_lightning.data.toy_world import all_captions
-    from tmd_lightning.evaluation import generate, load_model, sampler_label
 
     codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
     stage = load_model(path, codec, text_encoder, cfg.model.negative_prompt).eval()
@@ -68,9 +42,10 @@ def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg:
     shape = (cfg.num_frames, cfg.height, cfg.width)
     rows = []
     for opts in samplers:
-        generate(stage, pairs[:BATCH], shape, BATCH, **opts)  # warm-up
-        videos, seconds = generate(stage, pairs, shape, BATCH, **opts)
-        rows.append({"sampler": sampler_label(opts), **opts, "effective_nfe": stage.sampler_nfe(**opts),
+        generate_videos(stage, pairs[:BATCH], shape, BATCH, **opts)  # warm-up
+        videos, seconds = generate_videos(stage, pairs, shape, BATCH, **opts)
+        label = stage.sampler.with_options(**opts).label()
+        rows.append({"sampler": label, **opts, "effective_nfe": stage.sampler_nfe(**opts),
                      "seconds_per_video": seconds, **quality(videos, [p for p, _ in pairs], reference)})
     return rows
 
@@ -102,7 +77,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         else:
             if cfg is None:
                 cfg = evaluation_config(out)
-                reference = Reference.load(cfg)
+                reference = ToyReference.from_config(cfg)
             print(f"[{time.strftime('%H:%M:%S')}] score {name} ({k}/{len(todo)})", flush=True)
             found = score_model(path if path is not None else Path(cfg.model.pretrained), samplers, budget, cfg,
                                 reference)
@@ -119,11 +94,3 @@ def load_scores(runs: list[Run], out: Path) -> list[dict[str, Any]]:
         if cache.is_file():
             rows += [{"run": name, "family": family, "seed": seed, **r} for r in json.loads(cache.read_text())]
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -1,5 +1,10 @@
-"""Sampling a model on fixed prompts and seeds, and scoring the videos: what `sample`, `evaluate`, `precompute` and
-the toy study share (kept out of the entry points, which nothing imports)."""
+"""Sampling fixed prompts x seeds through a stage: which prompts, which model, on which device and in which dtype, and
+the timed, gradient-free generation that `sample`, `evaluate`, `generate`, `precompute`, `kd_pairs` and the toy study
+share.
+
+Checkpoint loading (`tmd_lightning.checkpoints`) is imported where it is used: the sampling callbacks import this
+package's scores, and the stages import the callbacks, so a module-level import here would be circular.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,17 @@ import csv
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage
-from tmd_lightning.data.backends import get_backend
-from tmd_lightning.data.manifest import read_manifest
-from tmd_lightning.data.toy_world import all_captions, generate_toy_dataset
-from tmd_lightning.metrics.frechet import frechet_distance, gaussian_stats
-from tmd_lightning.metrics.toy import ToyAccuracy, direction_confusion, toy_features
+from tmd_lightning.data.toy_world import all_captions
 from tmd_lightning.models.precision import cast_model, resolve_dtype
-from tmd_lightning.stages.base import VideoStage
+
+if TYPE_CHECKING:
+    from tmd_lightning.stages.base import VideoStage
 
 
 def resolve_prompts(prompts: Any, caption_column: str = "caption") -> list[str]:
@@ -45,6 +48,7 @@ def resolve_prompts(prompts: Any, caption_column: str = "caption") -> list[str]:
 
 
 def _csv_captions(path: Path, column: str) -> list[str]:
+    """The non-empty values of `column` in a CSV file (a manifest's captions)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
@@ -53,38 +57,28 @@ def _csv_captions(path: Path, column: str) -> list[str]:
         return [row[column].strip() for row in reader if (row[column] or "").strip()]
 
 
-def toy_reference(cfg: DictConfig) -> Path | None:
-    """Manifest of the real toy videos toy-FD compares with (written on first use, then reused)."""
-    ref = cfg.get("toy_reference")
-    if not ref:
-        return None
-    return generate_toy_dataset(ref.root, ref.videos_per_caption, cfg.num_frames, cfg.height, seed=ref.seed,
-                                split="reference")
-
-
-def toy_report(videos: torch.Tensor, captions: list[str], real_manifest: Path | None) -> dict[str, Any]:
-    """Per-attribute and joint toy accuracy, the direction probe (`metrics.toy.direction_confusion`), and toy-FD
-    against the real videos of `real_manifest`."""
-    acc = ToyAccuracy()
-    acc.update(videos, captions)
-    report: dict[str, Any] = {f"acc_{k}": float(v) for k, v in acc.compute().items()}
-    report["direction_probe"] = direction_confusion(videos, captions)
-    if real_manifest is not None:
-        backend = get_backend("auto")
-        entries = read_manifest(real_manifest)
-        real = torch.stack([torch.from_numpy(backend.read(e.path, videos.shape[1])) for e in entries])
-        report["toy_fd"] = float(frechet_distance(*gaussian_stats(toy_features(videos)),
-                                                  *gaussian_stats(toy_features(real))))
-        report["toy_fd_real_count"] = len(entries)
-    return report
-
-
 def load_model(path: str | Path, codec: torch.nn.Module, text_encoder: torch.nn.Module,
                negative_prompt: str = "") -> VideoStage:
-    """Any model `sample` takes: a stage `.ckpt` or a diffusers folder (teacher, TMD student, distilled student)."""
+    """Any model `sample` takes, with its sampler: a stage `.ckpt` or a diffusers folder (teacher, TMD student,
+    distilled student)."""
+    from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage
+
     if str(path).endswith(".ckpt"):
         return load_checkpoint_stage(path, codec, text_encoder)
     return load_pretrained_stage(path, codec, text_encoder, negative_prompt)
+
+
+def load_stage(cfg: DictConfig) -> VideoStage:
+    """The network to sample: a stage's Lightning checkpoint (`checkpoint`), a diffusers folder (teacher or TMD
+    student), or the model's teacher. A `.ckpt` is checked before the codec and text encoder load, so a missing or
+    truncated file fails in a second, not after minutes of loading."""
+    from tmd_lightning.checkpoints import check_checkpoint
+
+    source = cfg.get("checkpoint") or cfg.model.pretrained
+    if str(source).endswith(".ckpt"):
+        check_checkpoint(source, "checkpoint")
+    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
+    return load_model(source, codec, text_encoder, cfg.model.negative_prompt)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,8 +109,8 @@ def allow_tf32(device: torch.device, enabled: bool = True) -> bool:
     return True
 
 
-def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,
-             **sampler: Any) -> tuple[torch.Tensor, float]:
+def generate_videos(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, int, int], batch_size: int,
+                    **sampler: Any) -> tuple[torch.Tensor, float]:
     """uint8 videos for every (prompt, seed) and the wall-clock seconds per video (under `torch.inference_mode`:
     the entry points sample outside any training)."""
     start = time.perf_counter()
@@ -124,10 +118,3 @@ def generate(stage: VideoStage, pairs: list[tuple[str, int]], shape: tuple[int, 
         videos = [stage.generate([p for p, _ in pairs[i : i + batch_size]], [s for _, s in pairs[i : i + batch_size]],
                                  *shape, **sampler).cpu() for i in range(0, len(pairs), batch_size)]
     return torch.cat(videos), (time.perf_counter() - start) / len(pairs)
-
-
-def sampler_label(opts: dict[str, Any]) -> str:
-    if "steps" in opts:
-        return f"Euler {opts['steps']} x CFG {opts.get('cfg', 5.0):g}" if opts.get("cfg", 5.0) != 1 else \
-            f"Euler {opts['steps']}, no CFG"
-    return f"TMD M={opts['M']} N={opts['N']}" if "N" in opts else f"few-step M={opts['M']}"
