@@ -18,11 +18,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.config import hydra_entry
 from tmd_lightning.evaluation import (
     COLUMNS,
     Scorer,
@@ -38,10 +37,8 @@ from tmd_lightning.evaluation import (
 )
 from tmd_lightning.media import media_options
 from tmd_lightning.models.precision import resolve_dtype
-from tmd_lightning.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
-register_resolvers()
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -89,9 +86,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+@hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
-    quiet_third_party()
     run(cfg)
 
 

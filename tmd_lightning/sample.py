@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tmd_lightning.config import CONFIG_DIR, register_resolvers
+from tmd_lightning.config import hydra_entry
 from tmd_lightning.data.manifest import write_manifest
 from tmd_lightning.data.toy_world import FPS, parse_caption
 from tmd_lightning.evaluation import (
@@ -35,10 +34,8 @@ from tmd_lightning.evaluation import (
 from tmd_lightning.media import media_options, write_run_media
 from tmd_lightning.models.precision import resolve_dtype
 from tmd_lightning.progress import progress
-from tmd_lightning.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
-register_resolvers()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -97,9 +94,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
+@hydra_entry("sample")
 def main(cfg: DictConfig) -> None:
-    quiet_third_party()
     run(cfg)
 
 
