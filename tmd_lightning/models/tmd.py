@@ -344,7 +344,7 @@ def build_student(teacher: str | None = None, teacher_config: dict[str, Any] | N
             with torch.device("meta"):
                 return TMDTransformer.from_config(TMDTransformer.load_config(str(pretrained)))
         return TMDTransformer.from_pretrained(str(pretrained), local_files_only=True)
-    from tmd_lightning.models.transformer import load_transformer
+    from tmd_lightning.models.teacher import load_transformer
 
     return TMDTransformer.from_teacher(load_transformer(pretrained=teacher, config=teacher_config),
                                        head_blocks=head_blocks, fusion=fusion, **kwargs)
