@@ -62,6 +62,11 @@ def _check_executed(nb) -> str:
 
 
 def test_notebook_executes_from_the_repository_root():
+    """With this checkout's own checkpoints; without any (a fresh clone, CI) it would run exactly what the fallback
+    test below runs, so the notebook is executed once there."""
+    candidates = [ROOT / "logs/distill/latest/export/student", ROOT / "logs/adapt_head/latest/export/student"]
+    if not any(p.exists() for p in candidates):
+        pytest.skip("no distill / adapt_head export in this checkout: the fallback test executes the notebook")
     _check_executed(_execute(ROOT))
 
 
