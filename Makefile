@@ -66,8 +66,8 @@ lint: install  ## ruff check (configured in pyproject.toml)
 bench: install  ## Print the foundation benchmark table (toy, CPU)
 	$(PYTHON) benchmarks/foundation.py
 
-# Reproduces the shipped toy teacher: 8,500 steps at about 0.9 s per step on 2 CPU cores, so about 2 h (the
-# shipped weights are the EMA at step 7,000, about 1 h 45 min in); see README.
+# Reproduces the shipped toy teacher (K = 2 codec): 8,500 steps at about 0.9 s per step on 2 CPU cores, so about
+# 2 h; the shipped weights are its EMA at step 8,500 (see README, "The shipped toy teacher").
 teacher: install  ## Train the toy teacher from scratch (about 2 h on 2 CPU cores)
 	$(PYTHON) -m tmd_lightning.fit experiment=teacher
 
