@@ -383,6 +383,9 @@ if __name__ == "__main__":
         if torch.distributed.is_initialized():  # both ranks leave together: gloo aborts a rank whose peer has gone
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        sys.stdout.flush()  # and skip interpreter teardown, where gloo's threads have aborted a rank (exit -6)
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
