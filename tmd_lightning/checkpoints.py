@@ -31,10 +31,10 @@ from tmd_lightning.models.lora import load_merged_state
 from tmd_lightning.models.tmd import TMDTransformer
 from tmd_lightning.runtime.strategies import CHECKPOINT_MODEL_KEY, is_distributed_checkpoint
 from tmd_lightning.sampling import Sampler, TeacherSampler, TMDSampler, sampler_from_record
-from tmd_lightning.stages.base import SAMPLING_RECORD
 from tmd_lightning.stages.sampling_stage import SamplingStage
 
 NETWORK_CLASSES = {"WanTransformer3DModel": WanTransformer3DModel, "TMDTransformer": TMDTransformer}
+SAMPLING_RECORD = "sampling.json"  # next to an exported network: its sampler's record (kind and options)
 SAFE_GLOBALS_ENV = "TMD_SAFE_GLOBALS"  # comma-separated dotted names the user trusts checkpoints to hold
 
 

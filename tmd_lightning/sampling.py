@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from tmd_lightning.flow import time_grid
+from tmd_lightning.models.wan_parts import wan_velocity
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t of shape (B,)) -> v
 
@@ -200,6 +202,10 @@ class Sampler:
         """A short name for tables and legends."""
         raise NotImplementedError
 
+    def uses_cfg(self) -> bool:
+        """Whether `sample` needs the negative prompt's embedding (classifier-free guidance)."""
+        return False
+
 
 def sampler_from_record(record: dict[str, Any], source: Any = "record") -> Sampler:
     """The sampler a checkpoint or export recorded (`Sampler.to_record`), from this module's kinds only."""
@@ -208,12 +214,6 @@ def sampler_from_record(record: dict[str, Any], source: Any = "record") -> Sampl
     if kind not in Sampler._registry:
         raise ValueError(f"{source}: names sampler kind {kind!r}, which is not one of {sorted(Sampler._registry)}")
     return Sampler._registry[kind]().with_options(**record)
-
-
-def _velocity_of(network: nn.Module, text: torch.Tensor) -> VelocityFn:
-    from tmd_lightning.models.wan_parts import wan_velocity
-
-    return lambda x, t: wan_velocity(network, x, t, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,12 +228,7 @@ class TeacherSampler(Sampler):
 
     def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
                noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
-        from tmd_lightning.models.wan_parts import wan_velocity
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return wan_velocity(network, x, t, c)
-
-        velocity = cfg_velocity(model_fn, text, neg if self.uses_cfg() else None, self.cfg)
+        velocity = cfg_velocity(partial(wan_velocity, network), text, neg if self.uses_cfg() else None, self.cfg)
         if trajectory is not None:
             if self.solver != "euler":
                 raise ValueError("intermediate states are recorded for solver='euler' only")
@@ -287,7 +282,8 @@ class FewStepSampler(Sampler):
 
     def sample(self, network: nn.Module, noise: torch.Tensor, text: torch.Tensor, neg: torch.Tensor | None = None,
                noise_stream: NoiseStream | None = None, trajectory: list | None = None) -> torch.Tensor:
-        return dmd2_sample(_velocity_of(network, text), noise, time_grid(self.M, self.gamma, self.t_max), trajectory)
+        velocity = cfg_velocity(partial(wan_velocity, network), text, None, 1.0)  # no guidance: v(x, t, text)
+        return dmd2_sample(velocity, noise, time_grid(self.M, self.gamma, self.t_max), trajectory)
 
     def nfe(self, network: nn.Module) -> float:
         return effective_nfe(self.M)

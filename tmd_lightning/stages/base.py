@@ -12,7 +12,6 @@ from tmd_lightning.runtime.parallel import configure_parallel, gathered_network,
 from tmd_lightning.sampling import Sampler
 
 FROZEN_PREFIXES = ("codec.", "text_encoder.")
-SAMPLING_RECORD = "sampling.json"  # next to an exported network: its sampler's record (kind and options)
 
 
 class VideoStage(L.LightningModule):
@@ -133,7 +132,7 @@ class VideoStage(L.LightningModule):
         """The stage's sampler (with `sampler` options) on its network; extra noise comes from the seeds' streams;
         `trajectory` collects the intermediate states (notebooks)."""
         chosen = self.sampler.with_options(**sampler)
-        neg = self.negative_embedding(noise.shape[0]) if getattr(chosen, "uses_cfg", lambda: False)() else None
+        neg = self.negative_embedding(noise.shape[0]) if chosen.uses_cfg() else None
         stream = None if seeds is None else \
             (lambda i: self.initial_noise(seeds, tuple(noise.shape[1:]), stream=i))  # noqa: E731
         return chosen.sample(self.network, noise, text, neg=neg, noise_stream=stream, trajectory=trajectory)
