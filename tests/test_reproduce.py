@@ -1,11 +1,13 @@
-"""The toy study: every run composes into a valid `fit` config, verdicts follow the numbers, and a small quick
-study runs end to end (training, scoring, report) and resumes without redoing anything."""
+"""The toy study: every run composes into a valid `fit` (or `kd_pairs`) config, runs start only after the runs they
+depend on, verdicts follow the numbers, the training curves are the seeds' means, and a small quick study runs end
+to end (training, scoring, report) and resumes without redoing anything."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ from hydra import compose, initialize_config_dir
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.reproduce import main
-from tmd_lightning.study.report import Cell, Comparison, verdict
-from tmd_lightning.study.runs import FULL, QUICK, fit_command, study_runs
+from tmd_lightning.study import runs as study
+from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
+from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
 
 register_resolvers()
 
@@ -23,28 +26,63 @@ def test_study_covers_every_claim_with_two_seeds():
     runs = study_runs([0, 1], FULL)
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
-    families = {r.family for r in runs}
+    scored = [r for r in runs if r.samplers]
+    families = {r.family for r in scored}
     assert {"TMD", "TMD, no rollout", "TMD, no t_dmd shift", "TMD, Stage 1 plain TM", "TMD, LoRA fake score",
-            "Stage 1, TM-MF", "Stage 1, plain TM", "DMD2-v 1 step", "DMD2-v 2 steps", "DMD2-v 3 steps"} == families
+            "Stage 1, TM-MF", "Stage 1, plain TM", "DMD2-v 1 step", "DMD2-v 2 steps", "DMD2-v 3 steps",
+            KD_FAMILY} == families
     for family in families:
-        assert sorted(r.seed for r in runs if r.family == family) == [0, 1]
-    for i, run in enumerate(runs):  # a run's Stage-1 init is listed (and so trained) before it
-        assert run.init is None or run.init in names[:i]
+        assert sorted(r.seed for r in scored if r.family == family) == [0, 1]
+    assert [r.name for r in runs if not r.samplers] == ["kd_pairs"]  # one pair cache for every seed, not scored
+
+
+def test_every_run_is_listed_after_its_dependencies():
+    runs = study_runs([0, 1], FULL)
+    names = [r.name for r in runs]
+    for i, run in enumerate(runs):  # train() starts runs in list order once their dependencies are done
+        assert all(d in names[:i] for d in run.depends), run.name
+    by_name = {r.name: r for r in runs}
+    for k in (0, 1):
+        assert by_name[f"dmd2_m1_s{k}"].depends == (f"kd_warmup_s{k}",)  # its own seed's warm-up
+        assert by_name[f"kd_warmup_s{k}"].depends == ("kd_pairs",)
+        assert by_name[f"tmd_s{k}"].depends == (f"s1_tmmf_s{k}",)
+        assert by_name[f"dmd2_m2_s{k}"].depends == by_name[f"dmd2_m3_s{k}"].depends == ()
+
+
+def _compose(config: str, tmp_path: Path, args: list[str]) -> object:
+    """The config an entry point's command line composes (its Hydra `hydra.*` overrides left out)."""
+    overrides = [a for a in args[3:] if not a.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config, overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/o", *overrides])
 
 
 @pytest.mark.parametrize("run", study_runs([3], QUICK), ids=lambda r: r.name)
 def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
-    args = fit_command(run, tmp_path)
-    overrides = [a for a in args[3:] if not a.startswith("hydra.")]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("fit", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/o", *overrides])
-    assert cfg.seed == 3 and cfg.data.cache_decoded is False and cfg.data.toy.videos_per_caption == 4
+    args = run_command(run, tmp_path)
+    assert f"hydra.run.dir={tmp_path / 'runs' / run.name}" in args and not any("{runs}" in a for a in args)
+    pairs = str(tmp_path / "runs" / "kd_pairs" / "pairs")
+    if run.entry == "kd_pairs":
+        assert args[1:3] == ["-m", "tmd_lightning.kd_pairs"]
+        cfg = _compose("kd_pairs", tmp_path, args)
+        assert cfg.output == pairs and cfg.num_pairs == 16 and cfg.sampler.steps == 4  # QUICK: a small cache
+        assert cfg.sampler.cfg == 5.0  # the teacher's sampler otherwise as configs/kd_pairs.yaml
+        return
+    cfg = _compose("fit", tmp_path, args)
+    assert cfg.seed == 3
+    if run.experiment == "kd_warmup":  # data=cache: the toy-world overrides do not apply
+        assert cfg.data.cache_dir == pairs and "toy" not in cfg.data
+        assert cfg.trainer.max_steps == QUICK.kd_steps
+        assert cfg.stage._target_.endswith("KDWarmupStage") and run.samplers == ({"M": 1},)
+        return
+    assert cfg.data.cache_decoded is False and cfg.data.toy.videos_per_caption == 4
     assert cfg.data.toy.root == f"{tmp_path}/data/toy_quick_9x16x16"  # never the full study's toy world
     if run.experiment == "adapt_head":
         assert cfg.trainer.max_steps == QUICK.stage1_steps
         assert cfg.stage.plain_tm is ("plain TM" in run.family)
+        assert cfg.callbacks.toy_eval.every_n_steps == 5  # a quarter of the budget, at least 5
         return
     assert cfg.stage.max_iterations == QUICK.distill_iterations
+    assert cfg.callbacks.toy_eval.every_n_steps == 5
     if run.experiment == "distill":
         assert cfg.stage.student.checkpoint == str(tmp_path / "runs" / run.init / "checkpoints" / "last.ckpt")
         assert cfg.stage.rollout is ("no rollout" not in run.family)
@@ -53,6 +91,64 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
     else:
         steps = run.samplers[0]["M"]  # the run trains the student for the step count it is scored with
         assert cfg.stage._target_.endswith("DMD2Stage") and steps == cfg.tmd.M
+        # the one-step DMD2-v starts from its seed's KD warm-up (the paper's Table 7), more steps from the teacher
+        assert cfg.stage.student.kd_warmup is (steps == 1)
+        if steps == 1:
+            assert cfg.stage.student.kd_export == str(tmp_path / "runs" / "kd_warmup_s3" / "export" / "student")
+
+
+def test_toy_eval_period_is_a_quarter_of_the_budget():
+    assert study.eval_every(FULL.distill_iterations) == 75 and study.eval_every(FULL.stage1_steps) == 75
+    assert study.eval_every(QUICK.distill_iterations) == 5  # at least 5 steps
+
+
+def test_train_waits_for_every_dependency(tmp_path: Path, monkeypatch):
+    """`c` starts only once both `a` (its init, quick) and `b` (a need, 1.5 s) are done: with three jobs free it
+    would start as soon as `a` is done if train() looked at the init alone; its command fails if `b` is not done."""
+
+    def command(run: Run, out: Path) -> list[str]:
+        done = [str(study.run_dir(out, d) / "done.json") for d in (run.init, *run.needs) if d]
+        code = (f"import pathlib, sys, time; time.sleep({1.5 if run.name == 'b' else 0.0}); "
+                f"sys.exit(0 if all(pathlib.Path(p).is_file() for p in {done!r}) else 3)")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(study, "run_command", command)
+    runs = [Run("a", None), Run("b", None), Run("c", None, init="a", needs=("b",))]
+    train(runs, tmp_path, jobs=3, poll_seconds=0.05)
+    assert all(study.is_done(tmp_path, r.name) for r in runs)
+    with pytest.raises(RuntimeError, match="d needs e"):  # a dependency outside the run list never finishes
+        train([Run("d", None, needs=("e",))], tmp_path, jobs=1, poll_seconds=0.05)
+
+
+def _toy_eval(folder: Path, rows: list[tuple[int, float, float]]) -> None:
+    folder.mkdir(parents=True)
+    with (folder / "toy_eval.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "toy/acc_colour", "toy/acc_joint", "toy/fd"])
+        writer.writerows([step, 0.5, joint, fd] for step, joint, fd in rows)
+
+
+def test_training_curves_are_seed_means(tmp_path: Path):
+    runs = [Run(f"tmd_s{k}", "distill", family="TMD", seed=k) for k in (0, 1)]
+    runs += [Run("s1_tm_s0", "adapt_head", family="Stage 1, plain TM"),  # not drawn: only Stage 1 TM-MF is
+             Run("dmd2_m2_s0", "distill_dmd2", family="DMD2-v 2 steps")]  # no toy_eval.csv: left out
+    _toy_eval(tmp_path / "runs" / "tmd_s0", [(75, 0.2, 0.5), (150, 0.4, 0.3), (225, 0.5, 0.25), (300, 0.6, 0.2)])
+    # seed 1 was not evaluated at 75, and evaluated 300 twice (a resumed run): its last row counts
+    _toy_eval(tmp_path / "runs" / "tmd_s1", [(150, 0.2, 0.5), (225, 0.7, 0.15), (300, 0.1, 0.9), (300, 0.62, 0.1)])
+    _toy_eval(tmp_path / "runs" / "s1_tm_s0", [(75, 0.1, 1.0)])
+    (curve,) = training_curves(runs, tmp_path)
+    assert curve.family == "TMD" and curve.seeds == 2 and curve.steps == [150, 225, 300]
+    assert curve.values["toy/acc_joint"] == pytest.approx([0.3, 0.6, 0.61])
+    assert curve.values["toy/fd"] == pytest.approx([0.4, 0.2, 0.15])
+    lines = curves_section(runs, tmp_path)
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+    assert "![training curves](training_curves.png)" in lines
+    assert "- TMD: joint 0.600 -> 0.610, toy-FD 0.200 -> 0.150 over the last 75 iterations (225 -> 300)" in lines
+
+
+def test_curves_section_is_skipped_without_toy_eval_files(tmp_path: Path):
+    assert curves_section(study_runs([0], QUICK), tmp_path) == []
+    assert not (tmp_path / "training_curves.png").exists()
 
 
 def _cell(values: list[float], key: str = "toy_fd") -> Cell:
@@ -90,6 +186,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     report = (out / "REPORT.md").read_text()
     assert "Quality rises with N" in report and "quick smoke run" in report
     assert (out / "quality_vs_nfe.png").stat().st_size > 0
+    assert (out / "training_curves.png").stat().st_size > 0 and "## Training curves" in report
+    assert "- TMD: joint" in report and "over the last 5 iterations (5 -> 10)" in report
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["run"] for r in rows} == {"teacher", "s1_tmmf_s0", "tmd_s0"}
     assert len(rows) == 5 + 4 + 4  # teacher samplers, two TMD students x four samplers

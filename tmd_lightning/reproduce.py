@@ -1,9 +1,11 @@
 """Entry point: `python -m tmd_lightning.reproduce` — the paper's claims checked on the toy world, one command.
 
 Trains every configuration of the study (Stage 1 with TM-MF and plain TM; Stage 2 TMD with and without rollout and
-the t_dmd shift, from either Stage-1 init; DMD2-v with 1, 2 and 3 steps) for two or more seeds, each as an ordinary
-`python -m tmd_lightning.fit` run in its own folder, then samples and scores every model on the same prompts and
-seeds and writes `REPORT.md` (tables, a verdict per claim with its numbers), `results.csv` and a plot.
+the t_dmd shift, from either Stage-1 init; DMD2-v with 1, 2 and 3 steps, the one-step from a KD warm-up on the
+teacher's noise -> sample pairs as in the paper) for two or more seeds, each as an ordinary
+`python -m tmd_lightning.fit` run in its own folder (the pairs: one `python -m tmd_lightning.kd_pairs` run), then
+samples and scores every model on the same prompts and seeds and writes `REPORT.md` (tables, a verdict per claim
+with its numbers, the training curves), `results.csv` and plots.
 
 Rerunning the command after a stop does only what is missing: finished runs are skipped, interrupted ones resume
 from their `last.ckpt`, scores are cached per run. `--quick` shrinks every budget (a smoke test in minutes);
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     command = ("python -m tmd_lightning.reproduce " + shlex.join(given)).strip()
     report = write_report(rows, runs, out, budget, args.quick, args.seeds, command,
                           None if args.report_only else (time.perf_counter() - start) / 60, minutes)
-    print(f"\nreport: {report}\nplot:   {out / 'quality_vs_nfe.png'}\ncsv:    {out / 'results.csv'}")
+    curves = out / "training_curves.png"
+    print(f"\nreport: {report}\nplot:   {out / 'quality_vs_nfe.png'}\ncsv:    {out / 'results.csv'}"
+          + (f"\ncurves: {curves}" if curves.is_file() else ""))
 
 
 if __name__ == "__main__":

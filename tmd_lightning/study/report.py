@@ -1,7 +1,9 @@
-"""The toy study's report: tables with the seed spread, a verdict per claim with its numbers, and plots."""
+"""The toy study's report: tables with the seed spread, a verdict per claim with its numbers, and plots (quality
+against NFE; the training curves that show whether each budget was long enough)."""
 
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
@@ -11,13 +13,17 @@ from statistics import mean
 from typing import Any
 
 from tmd_lightning.evaluation.report import markdown_table, write_csv
-from tmd_lightning.study.runs import Budget, Run
+from tmd_lightning.study.runs import KD_FAMILY, STAGE2_EXPERIMENTS, Budget, Run, run_dir
 
 # (key, header, format, higher is better)
 METRICS = [("acc_joint", "joint", "{:.3f}", True), ("acc_colour", "colour", "{:.3f}", True),
            ("acc_shape", "shape", "{:.3f}", True), ("acc_direction", "direction", "{:.3f}", True),
            ("toy_fd", "toy-FD", "{:.3f}", False), ("coverage", "coverage", "{:.2f}", True)]
 TEACHER_REF = "teacher"
+# toy_eval.csv columns drawn as training curves: (column, short name, axis label)
+CURVE_METRICS = (("toy/acc_joint", "joint", "joint accuracy (higher is better)"),
+                 ("toy/fd", "toy-FD", "toy-FD (lower is better)"))
+STAGE1_CURVE = "Stage 1, TM-MF"  # the Stage-1 family whose curve is drawn beside Stage 2's (every TMD run's init)
 
 
 @dataclass
@@ -136,7 +142,8 @@ def claims(cells: dict[tuple[str, str], Cell]) -> list[tuple[str, list[Compariso
              q),
             ("TMD M=2 N=4 (NFE 3) vs DMD2-v 3 steps (NFE 3)", ("TMD", m2n4), ("DMD2-v 3 steps", "few-step M=3"), q),
         ]), "TMD's M = 1 rows sample the M = 2-trained student with one outer step (the paper trains M = 1 "
-            "separately, for 3x the iterations)."),
+            "separately, for 3x the iterations). As in the paper, the one-step DMD2-v starts from a KD warm-up on "
+            "the teacher's noise -> sample pairs; DMD2-v 2 and 3 steps and TMD start without one."),
         ("2. TM-MeanFlow beats plain TM as Stage-1 initialisation", pairs([
             ("Stage 1 alone, M=2 N=2", ("Stage 1, TM-MF", m2n2), ("Stage 1, plain TM", m2n2), q),
             ("Stage 1 alone, M=1 N=2", ("Stage 1, TM-MF", m1n2), ("Stage 1, plain TM", m1n2), q),
@@ -185,6 +192,109 @@ def lora_section(cells: dict[tuple[str, str], Cell], minutes: dict[str, float], 
     return out
 
 
+def kd_section(cells: dict[tuple[str, str], Cell]) -> list[str]:
+    """The one-step DMD2-v against its own KD warm-up (not a paper claim: what distribution matching adds to the
+    regression onto the teacher's samples it starts from)."""
+    sampler = "few-step M=1"
+    kd, dmd2 = cells.get((KD_FAMILY, sampler)), cells.get(("DMD2-v 1 step", sampler))
+    if kd is None or dmd2 is None:
+        return []
+    return ["### What DMD2-v adds to its KD warm-up (one step; not a paper claim)", "",
+            "Each seed's one-step DMD2-v starts from that seed's KD warm-up student (regressed onto the teacher's "
+            "CFG-5 samples from the same noise, the paper's Table 7); the warm-ups alone, sampled with one step:", "",
+            markdown_table(["metric", KD_FAMILY, "DMD2-v 1 step"],
+                           [[name, kd.text(key, fmt), dmd2.text(key, fmt)] for key, name, fmt, _ in METRICS
+                            if key in kd.values and key in dmd2.values]), ""]
+
+
+@dataclass
+class Curve:
+    """One family's toy-eval curve: the mean over its seeds at each step that every seed evaluated."""
+
+    family: str
+    unit: str  # what a step counts: "iterations" (Stage 2) or "steps" (Stage 1)
+    seeds: int
+    steps: list[int]
+    values: dict[str, list[float]]  # toy_eval.csv column -> mean over seeds, one per step
+
+
+def read_toy_eval(path: Path) -> dict[int, dict[str, float]]:
+    """step -> metrics of one run's `toy_eval.csv` ({} when there is none). A resumed run may have evaluated a step
+    twice: its last row counts."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        return {int(float(row["step"])): {k: float(v) for k, v in row.items() if k not in (None, "step") and v}
+                for row in csv.DictReader(fh)}
+
+
+def family_curve(family: str, runs: list[Run], out: Path) -> Curve | None:
+    """The mean curve of a family's runs that wrote a toy_eval.csv, at the steps all of them evaluated."""
+    mine = [r for r in runs if r.family == family]
+    logs = [log for log in (read_toy_eval(run_dir(out, r.name) / "toy_eval.csv") for r in mine) if log]
+    if not logs:
+        return None
+    keys = [key for key, _, _ in CURVE_METRICS]
+    common = set.intersection(*(set(log) for log in logs))
+    steps = sorted(s for s in common if all(k in log[s] for log in logs for k in keys))
+    if not steps:
+        return None
+    unit = "iterations" if mine[0].experiment in STAGE2_EXPERIMENTS else "steps"
+    return Curve(family, unit, len(logs), steps, {k: [mean(log[s][k] for log in logs) for s in steps] for k in keys})
+
+
+def training_curves(runs: list[Run], out: Path) -> list[Curve]:
+    """Stage 1 TM-MF's and every Stage-2 family's curve, in run order; families without curves are left out."""
+    families = dict.fromkeys(r.family for r in runs if r.experiment in STAGE2_EXPERIMENTS or r.family == STAGE1_CURVE)
+    return [c for c in (family_curve(f, runs, out) for f in families) if c is not None]
+
+
+def plot_curves(curves: list[Curve], path: Path) -> Path:
+    """Joint accuracy and toy-FD against step, one line per family (Stage 1 dashed: its steps are optimizer steps,
+    Stage 2's are iterations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, _, label) in zip(axes, CURVE_METRICS, strict=True):
+        for c in curves:
+            ax.plot(c.steps, c.values[key], marker="o", ms=3, lw=1, ls="--" if c.unit == "steps" else "-",
+                    label=f"{c.family} ({c.seeds} seed{'s' if c.seeds > 1 else ''})")
+        ax.set_xlabel("Stage-2 iteration (Stage 1: optimizer step)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def curve_line(c: Curve) -> str:
+    """The last two evaluations' means of one family, so a reader sees whether its curve has flattened."""
+    if len(c.steps) < 2:
+        values = ", ".join(f"{name} {c.values[key][-1]:.3f}" for key, name, _ in CURVE_METRICS)
+        return f"- {c.family}: {values} at {c.unit[:-1]} {c.steps[-1]} (one evaluation)"
+    values = ", ".join(f"{name} {c.values[key][-2]:.3f} -> {c.values[key][-1]:.3f}" for key, name, _ in CURVE_METRICS)
+    return f"- {c.family}: {values} over the last {c.steps[-1] - c.steps[-2]} {c.unit} ({c.steps[-2]} -> {c.steps[-1]})"
+
+
+def curves_section(runs: list[Run], out: Path) -> list[str]:
+    """`training_curves.png` and the last two evaluations per family; nothing when no run left a toy_eval.csv (e.g.
+    `--report-only` on runs from before the curves)."""
+    curves = training_curves(runs, out)
+    if not curves:
+        return []
+    figure = plot_curves(curves, out / "training_curves.png")
+    return ["## Training curves", "",
+            "Each run's toy evaluation during training (`runs/<run>/toy_eval.csv`: the 48 toy captions x 2 seeds with "
+            "the run's own sampler; a quarter of the budget apart), the mean over training seeds at the steps every "
+            "seed evaluated. Where the last two evaluations agree, the budget was long enough for the curve to "
+            "flatten.", "", f"![training curves]({figure.name})", "", *map(curve_line, curves), ""]
+
+
 def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
     """toy-FD and joint accuracy against effective NFE (log x), seed range as error bars; the teacher's 50x2 line."""
     import matplotlib
@@ -223,14 +333,16 @@ def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
 def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget: Budget, quick: bool,
                  seeds: list[int], command: str, wall_minutes: float | None = None,
                  train_minutes: dict[str, float] | None = None) -> Path:
-    """REPORT.md, results.csv and quality_vs_nfe.png in `out`; returns the report's path."""
+    """REPORT.md, results.csv, quality_vs_nfe.png and (when the runs left toy_eval.csv files) training_curves.png in
+    `out`; returns the report's path."""
     cells = aggregate(rows)
     write_csv(rows, out / "results.csv")
     figure = plot(cells, out / "quality_vs_nfe.png")
     teacher = [c for c in cells.values() if c.family == TEACHER_REF]
     reference = max(teacher, key=lambda c: c.mean("effective_nfe")) if teacher else None
     ref_seconds = reference.mean("seconds_per_video") if reference else None
-    headline = [c for c in cells.values() if c.family in (TEACHER_REF, "TMD") or c.family.startswith("DMD2-v")]
+    headline = [c for c in cells.values() if c.family in (TEACHER_REF, "TMD", KD_FAMILY)
+                or c.family.startswith("DMD2-v")]
     ablations = [c for c in cells.values() if c not in headline]
     videos = budget.eval_prompts * len(budget.eval_seeds)
     lines = [
@@ -243,7 +355,8 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
            "; this page rebuilt from the cached scores with `--report-only`") + ".",
         "",
         f"Budget per seed: Stage 1 {budget.stage1_steps} steps (batch 32); Stage 2 {budget.distill_iterations} "
-        f"iterations (batch 16, a student step every 5th); training seeds {', '.join(map(str, seeds))}. Every model "
+        f"iterations (batch 16, a student step every 5th); the one-step DMD2-v's KD warm-up {budget.kd_steps} steps "
+        f"(batch 32) on the teacher's pairs; training seeds {', '.join(map(str, seeds))}. Every model "
         f"samples the same {budget.eval_prompts} prompts x {len(budget.eval_seeds)} seeds = {videos} videos per row; "
         "toy-FD against 192 held-out real videos. Values are the mean over training seeds ± half their range. "
         "Seconds per video are wall-clock on this machine for a batch of 64 (noisy, shared machine).",
@@ -254,9 +367,11 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
     for title, comps, note in claims(cells):
         lines += [f"### {title}: {verdict(comps)}", "", *(c.line() for c in comps), "", note, ""]
     lines += lora_section(cells, train_minutes or {}, runs)
-    lines += ["## Quality against cost: teacher, TMD, DMD2-v", "", table(headline, ref_seconds), "",
-              f"![quality against effective NFE]({figure.name})", "", "## Ablations", "",
-              table(ablations, ref_seconds), ""]
+    lines += kd_section(cells)
+    lines += ["## Quality against cost: teacher, TMD, DMD2-v (and its KD warm-up)", "",
+              table(headline, ref_seconds), "", f"![quality against effective NFE]({figure.name})", "",
+              "## Ablations", "", table(ablations, ref_seconds), ""]
+    lines += curves_section(runs, out)
     if train_minutes:
         total = sum(train_minutes.values())
         lines += ["## Training cost", "", f"{len(train_minutes)} runs, {total:.0f} minutes of run time in all "

@@ -2,7 +2,8 @@
 
 Every configuration is an ordinary `python -m tmd_lightning.fit` run in its own folder (`<out>/runs/<name>`), so
 each can be inspected, sampled and resumed like any other run: a finished run has a `done.json`, an interrupted one
-resumes from its `last.ckpt`.
+resumes from its `last.ckpt`. One run is not a training: `kd_pairs` writes the teacher's noise -> sample pairs that
+the one-step DMD2-v's KD warm-up trains on (`python -m tmd_lightning.kd_pairs`, resumable by its own shards).
 """
 
 from __future__ import annotations
@@ -27,27 +28,46 @@ class Budget:
     eval_prompts: int = 48  # toy captions scored per model (all 48)
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)  # sampling seeds per prompt
     teacher_steps: int = 50  # the reference sampler: Euler 50 x CFG 5
-    overrides: tuple[str, ...] = ()  # added to every run's command line
+    kd_steps: int = 100  # KD warm-up steps of the one-step DMD2-v (experiment=kd_warmup's default, batch 32)
+    kd_pairs_overrides: tuple[str, ...] = ()  # the KD pairs' command line (default: model.kd_pairs = 192 pairs,
+    #   the teacher's 50 Euler steps with CFG 5)
+    overrides: tuple[str, ...] = ()  # added to every toy-data run's command line (not to the KD warm-up: data=cache)
 
 
 FULL = Budget()
 QUICK = Budget(stage1_steps=10, distill_iterations=10, eval_prompts=12, eval_seeds=(0, 1), teacher_steps=20,
+               kd_steps=5, kd_pairs_overrides=("num_pairs=16", "sampler.steps=4"),
                # a small toy world of its own (4 videos per caption), decoded only as far as ten steps read
                overrides=("data.toy.root=${paths.data_dir}/toy_quick_${data.num_frames}x${data.height}x${data.width}",
                           "data.toy.videos_per_caption=4", "data.cache_decoded=false"))
 
 
+RUNS = "{runs}"  # placeholder in a run's overrides for `<out>/runs` (study_runs does not know the study folder)
+
+
 @dataclass(frozen=True)
 class Run:
-    """One training run of the study: a `fit` experiment, its overrides, and the Stage-1 run it starts from."""
+    """One run of the study: an entry point (`fit` with an experiment, or `kd_pairs`), its overrides, and the runs
+    it needs finished first.
+
+    Overrides may name other runs' folders as `{runs}/<name>/...` (RUNS); the command builders fill in the study
+    folder. A run without samplers (the KD pairs) is not scored.
+    """
 
     name: str
-    experiment: str
+    experiment: str | None  # the `fit` experiment (None for other entry points)
     overrides: tuple[str, ...] = ()
-    init: str | None = None  # the Stage-1 run whose final student Stage 2 distils
+    init: str | None = None  # the Stage-1 run whose last.ckpt Stage 2 distils (stage.student.checkpoint)
+    needs: tuple[str, ...] = ()  # further runs that must be done before this one starts
+    entry: str = "fit"  # the entry module: "fit" or "kd_pairs" (ENTRY_COMMANDS)
     family: str = ""  # the model the run trains, as reported (seeds of one family are aggregated)
     seed: int = 0
     samplers: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    @property
+    def depends(self) -> tuple[str, ...]:
+        """Every run this one waits for: its init, then its other needs."""
+        return tuple(dict.fromkeys((*((self.init,) if self.init else ()), *self.needs)))
 
 
 TMD_SAMPLERS = ({"M": 1, "N": 2}, {"M": 1, "N": 4}, {"M": 2, "N": 2}, {"M": 2, "N": 4})
@@ -56,20 +76,55 @@ TMD_SAMPLERS = ({"M": 1, "N": 2}, {"M": 1, "N": 4}, {"M": 2, "N": 2}, {"M": 2, "
 LORA_FAKE_SCORE = ("stage.lora.fake_score=true", "stage.lora.rank=16", "stage.lora.alpha=16")
 # DMD2-v steps -> student grid shift (docs/method.md §5: 10 for 2 steps, 5 for 3-4)
 DMD2_STEPS = {1: 5.0, 2: 10.0, 3: 5.0}
+KD_FAMILY = "KD warm-up, 1 step"  # the one-step DMD2-v's init, scored alone: what DMD2-v adds on top of it
+KD_PAIRS = f"{RUNS}/kd_pairs/pairs"  # the pair cache the KD warm-ups train on
+STAGE2_EXPERIMENTS = ("distill", "distill_dmd2")
+
+
+def eval_every(budget_steps: int) -> int:
+    """The toy-eval period: a quarter of the run (at least 5 steps), so each training curve has four points and a
+    reader can see whether it has flattened by the end of the budget."""
+    return max(budget_steps // 4, 5)
+
+
+def kd_runs(seeds: list[int], budget: Budget) -> list[Run]:
+    """The one-step DMD2-v's KD warm-up (the paper's Table 7): one seed-independent pair cache (the teacher's
+    noise -> sample pairs are data, not a trained model) and one warm-up per seed, scored with one step."""
+    pairs = Run("kd_pairs", None, (f"output={KD_PAIRS}", *budget.kd_pairs_overrides), entry="kd_pairs")
+    # data=cache: the toy-world overrides (budget.overrides) have no `data.toy` to set here
+    return [pairs] + [Run(f"kd_warmup_s{k}", "kd_warmup", (f"data.cache_dir={KD_PAIRS}",
+                                                           f"trainer.max_steps={budget.kd_steps}"),
+                          needs=(pairs.name,), family=KD_FAMILY, seed=k, samplers=({"M": 1},)) for k in seeds]
+
+
+def dmd2_runs(k: int, d: tuple[str, ...]) -> list[Run]:
+    """DMD2-v with 1, 2 and 3 steps for seed k. As in the paper (Table 7), only the one-step student starts from a
+    KD warm-up (seed k's export, so seeds stay independent); two and three steps start from the teacher."""
+    runs = []
+    for m, gamma in DMD2_STEPS.items():
+        kd = f"kd_warmup_s{k}" if m == 1 else None
+        init = (("stage.student.kd_warmup=true", f"stage.student.kd_export={RUNS}/{kd}/export/student") if kd
+                else ("stage.student.kd_warmup=false",))
+        runs.append(Run(f"dmd2_m{m}_s{k}", "distill_dmd2", (*d, f"tmd.M={m}", f"stage.grid_gamma={gamma}", *init),
+                        needs=(kd,) if kd else (), family=f"DMD2-v {m} step{'s' if m > 1 else ''}", seed=k,
+                        samplers=({"M": m},)))
+    return runs
 
 
 def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
-    """Every training run of the study, Stage-1 runs first (they are the others' inits)."""
+    """Every run of the study, each after the runs it depends on (Stage 1 and the KD warm-ups come first)."""
     s1 = (*budget.overrides, f"trainer.max_steps={budget.stage1_steps}",
-          f"callbacks.model_checkpoint.every_n_train_steps={max(budget.stage1_steps // 3, 5)}")
+          f"callbacks.model_checkpoint.every_n_train_steps={max(budget.stage1_steps // 3, 5)}",
+          f"callbacks.toy_eval.every_n_steps={eval_every(budget.stage1_steps)}")
     d = (*budget.overrides, f"stage.max_iterations={budget.distill_iterations}",
          f"callbacks.model_checkpoint.every_n_train_steps={max(budget.distill_iterations // 2, 5)}",
-         f"callbacks.toy_eval.every_n_steps={max(budget.distill_iterations // 2, 5)}")
+         f"callbacks.toy_eval.every_n_steps={eval_every(budget.distill_iterations)}")
     runs: list[Run] = []
     for k in seeds:
         runs += [Run(f"s1_tmmf_s{k}", "adapt_head", s1, family="Stage 1, TM-MF", seed=k, samplers=TMD_SAMPLERS),
                  Run(f"s1_tm_s{k}", "adapt_head", (*s1, "stage.plain_tm=true"), family="Stage 1, plain TM", seed=k,
                      samplers=TMD_SAMPLERS)]
+    runs += kd_runs(seeds, budget)
     for k in seeds:
         runs += [Run(f"tmd_s{k}", "distill", d, init=f"s1_tmmf_s{k}", family="TMD", seed=k, samplers=TMD_SAMPLERS),
                  Run(f"tmd_norollout_s{k}", "distill", (*d, "stage.rollout=false"), init=f"s1_tmmf_s{k}",
@@ -80,11 +135,7 @@ def study_runs(seeds: list[int], budget: Budget) -> list[Run]:
                      samplers=TMD_SAMPLERS),
                  Run(f"tmd_lora_s{k}", "distill", (*d, *LORA_FAKE_SCORE), init=f"s1_tmmf_s{k}",
                      family="TMD, LoRA fake score", seed=k, samplers=TMD_SAMPLERS)]
-        # every DMD2-v run starts from the teacher: the study has no KD warm-up run (which M = 1 would use by default)
-        runs += [Run(f"dmd2_m{m}_s{k}", "distill_dmd2", (*d, f"tmd.M={m}", f"stage.grid_gamma={gamma}",
-                                                         "stage.student.kd_warmup=false"),
-                     family=f"DMD2-v {m} step{'s' if m > 1 else ''}", seed=k, samplers=({"M": m},))
-                 for m, gamma in DMD2_STEPS.items()]
+        runs += dmd2_runs(k, d)
     return runs
 
 
@@ -98,12 +149,18 @@ def student_export(out: Path, name: str) -> Path:
     return run_dir(out, name) / "export" / "student"
 
 
+def run_overrides(run: Run, out: Path) -> list[str]:
+    """The run's overrides with `{runs}` replaced by `<out>/runs` (str.replace: overrides hold `${...}`
+    interpolations that str.format would trip on)."""
+    return [a.replace(RUNS, str(out / "runs")) for a in run.overrides]
+
+
 def fit_command(run: Run, out: Path) -> list[str]:
     """The `fit` command line of one run; an interrupted run resumes from its own `last.ckpt`."""
     folder = run_dir(out, run.name)
     args = [sys.executable, "-m", "tmd_lightning.fit", f"experiment={run.experiment}", f"seed={run.seed}",
             f"task_name=study_{run.name}", f"hydra.run.dir={folder}", f"paths.log_dir={out / 'runs' / '.latest'}",
-            "callbacks.rich_progress_bar=null", *run.overrides]
+            "callbacks.rich_progress_bar=null", *run_overrides(run, out)]
     if run.init is not None:
         args.append(f"stage.student.checkpoint={run_dir(out, run.init) / 'checkpoints' / 'last.ckpt'}")
     last = folder / "checkpoints" / "last.ckpt"
@@ -112,12 +169,27 @@ def fit_command(run: Run, out: Path) -> list[str]:
     return args
 
 
+def kd_pairs_command(run: Run, out: Path) -> list[str]:
+    """The `kd_pairs` command line; a rerun writes only the shards still missing."""
+    return [sys.executable, "-m", "tmd_lightning.kd_pairs", f"hydra.run.dir={run_dir(out, run.name)}",
+            *run_overrides(run, out)]
+
+
+ENTRY_COMMANDS = {"fit": fit_command, "kd_pairs": kd_pairs_command}
+
+
+def run_command(run: Run, out: Path) -> list[str]:
+    """The command line of any run of the study, by its entry point."""
+    return ENTRY_COMMANDS[run.entry](run, out)
+
+
 def is_done(out: Path, name: str) -> bool:
     return (run_dir(out, name) / "done.json").is_file()
 
 
-def train(runs: list[Run], out: Path, jobs: int = 1) -> None:
-    """Runs every unfinished run, `jobs` at a time, each once its Stage-1 init is done; stops on the first failure.
+def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) -> None:
+    """Runs every unfinished run, `jobs` at a time, each once every run it depends on is done; stops on the first
+    failure. Each run's output goes to `<run>/<entry>.log`.
 
     With several jobs each process gets an equal share of the CPU threads (`OMP_NUM_THREADS`), which on a small
     machine gives more throughput than one multi-threaded run at a time.
@@ -125,33 +197,35 @@ def train(runs: list[Run], out: Path, jobs: int = 1) -> None:
     pending = [r for r in runs if not is_done(out, r.name)]
     total, started = len(pending), 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    active: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    active: dict[str, tuple[subprocess.Popen, float, Any, str]] = {}
     while pending or active:
-        for run in [r for r in pending if r.init is None or is_done(out, r.init)][: jobs - len(active)]:
+        for run in [r for r in pending if all(is_done(out, d) for d in r.depends)][: jobs - len(active)]:
             pending.remove(run)
             folder = run_dir(out, run.name)
             folder.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                    "PYTHONUNBUFFERED": "1"}
-            logfile = open(folder / "fit.log", "a")  # noqa: SIM115 - closed when the process ends
+            logfile = open(folder / f"{run.entry}.log", "a")  # noqa: SIM115 - closed when the process ends
             started += 1
             print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({started}/{total})", flush=True)
-            active[run.name] = (subprocess.Popen(fit_command(run, out), stdout=logfile, stderr=subprocess.STDOUT,
-                                                 env=env), time.perf_counter(), logfile)
+            active[run.name] = (subprocess.Popen(run_command(run, out), stdout=logfile, stderr=subprocess.STDOUT,
+                                                 env=env), time.perf_counter(), logfile, run.entry)
         if not active:
-            missing = ", ".join(r.name for r in pending)
-            raise RuntimeError(f"cannot start {missing}: their Stage-1 runs are not done (excluded by --only?)")
-        time.sleep(2)
-        for name, (proc, start, logfile) in list(active.items()):
+            missing = "; ".join(f"{r.name} needs {', '.join(d for d in r.depends if not is_done(out, d))}"
+                                for r in pending)
+            raise RuntimeError(f"cannot start {missing}: not done (excluded by --only?)")
+        time.sleep(poll_seconds)
+        for name, (proc, start, logfile, entry) in list(active.items()):
             if proc.poll() is None:
                 continue
             logfile.close()
             del active[name]
             if proc.returncode != 0:
-                for other, _, fh in active.values():
+                for other, _, fh, _ in active.values():
                     other.kill()
                     fh.close()
-                raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see {run_dir(out, name) / 'fit.log'}")
+                log_file = run_dir(out, name) / f"{entry}.log"
+                raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see {log_file}")
             seconds = time.perf_counter() - start
             (run_dir(out, name) / "done.json").write_text(json.dumps({"seconds": seconds}))
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds / 60:.1f} min", flush=True)

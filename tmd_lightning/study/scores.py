@@ -62,14 +62,16 @@ def evaluation_config(out: Path) -> Any:
 
 
 def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
-    """Rows for the teacher and every finished run (cached in `scores/<run>.json`)."""
+    """Rows for the teacher and every finished run with samplers (cached in `scores/<run>.json`); runs without
+    samplers (the KD pairs) make data, not a model, and are not scored."""
     cfg = reference = None
     rows: list[dict[str, Any]] = []
     scores = out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
     teacher = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
     todo = [("teacher", "teacher", 0, None, teacher)] + [
-        (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs if is_done(out, r.name)]
+        (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs
+        if r.samplers and is_done(out, r.name)]
     for k, (name, family, seed, path, samplers) in enumerate(todo, 1):
         cache = scores / f"{name}.json"
         if cache.is_file():
@@ -89,7 +91,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
 def load_scores(runs: list[Run], out: Path) -> list[dict[str, Any]]:
     """Rows from the cached scores only (for `--report-only`)."""
     rows = []
-    for name, family, seed in [("teacher", "teacher", 0)] + [(r.name, r.family, r.seed) for r in runs]:
+    for name, family, seed in [("teacher", "teacher", 0)] + [(r.name, r.family, r.seed) for r in runs if r.samplers]:
         cache = out / "scores" / f"{name}.json"
         if cache.is_file():
             rows += [{"run": name, "family": family, "seed": seed, **r} for r in json.loads(cache.read_text())]
