@@ -8,7 +8,14 @@ from diffusers import WanTransformer3DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tmd_lightning.flow import time_grid
-from tmd_lightning.losses import adaptive_loss, cfg_target, finite_difference_ds, meanflow_target, sample_r
+from tmd_lightning.losses import (
+    adaptive_loss,
+    cfg_target,
+    finite_difference_ds,
+    flow_matching_loss,
+    meanflow_target,
+    sample_r,
+)
 from tmd_lightning.models import TMDTransformer
 
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
@@ -177,3 +184,14 @@ def test_bf16_finite_difference_agrees_with_jvp_better_than_naive_bf16():
         reference = fd(student, 5e-3)
         assert error(fd(low, 5e-3), reference) < 0.08  # measured 0.04
         assert error(naive_bf16_fd(5e-3), reference) > 0.3  # measured 0.69
+
+
+def test_weighted_flow_matching_loss_is_the_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    v, x, noise = (torch.randn(2, 3, 4, 2, 2, generator=g) for _ in range(3))
+    assert flow_matching_loss(v, x, noise) == pytest.approx(((v - (noise - x)) ** 2).mean().item())
+    weight = 1 + 3 * (torch.rand(2, 1, 4, 2, 2, generator=g) > 0.5).float()  # broadcast over channels
+    err = (v - (noise - x)) ** 2
+    expected = (err * weight).sum() / weight.expand_as(err).sum()
+    assert flow_matching_loss(v, x, noise, weight) == pytest.approx(expected.item())
+    assert flow_matching_loss(v, x, noise, torch.ones_like(v)) == pytest.approx(flow_matching_loss(v, x, noise).item())

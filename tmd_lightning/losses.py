@@ -10,9 +10,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def flow_matching_loss(v_pred: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow loss: mean over elements of `(v_pred - (noise - x))^2`."""
-    return (_wide(v_pred) - _wide(noise - x)).pow(2).mean()
+def flow_matching_loss(v_pred: torch.Tensor, x: torch.Tensor, noise: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Rectified-flow loss: mean over elements of `(v_pred - (noise - x))^2`, or its `weight`-weighted mean."""
+    err = (_wide(v_pred) - _wide(noise - x)).pow(2)
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (weight * err).sum() / weight.sum()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

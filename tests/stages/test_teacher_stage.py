@@ -221,3 +221,43 @@ def test_a_codec_of_another_latent_width_is_refused_in_one_line(text_encoder):
     stage.codec = PixelCodec(4, frames_per_latent=2)  # 96-channel latents for a 48-channel network
     with pytest.raises(ValueError, match="makes 96-channel latents but the network takes in_channels=48"):
         stage.generate(["a red square moving left"], [0], 9, 16, 16, steps=1)
+
+
+def test_foreground_mask_is_the_shape_grown_by_one_pixel():
+    from scipy.ndimage import binary_dilation
+
+    from tmd_lightning.data.toy_world import ToyVideoSpec
+    from tmd_lightning.stages.teacher import foreground_mask
+
+    specs = [ToyVideoSpec("red", "circle", "right", 0.35, 0.3, 0.3, 0.5),
+             ToyVideoSpec("blue", "square", "up", 0.3, 0.25, 0.6, 0.6)]
+    videos = torch.from_numpy(np.stack([render(s) for s in specs]))
+    mask = foreground_mask(videos)
+    assert mask.shape == (2, 9, 16, 16, 1) and mask.dtype == torch.bool
+    background = np.array([16, 16, 16])
+    for i in range(2):
+        for f in range(9):  # independent reference: scipy's dilation of the pixels off the background colour
+            shape = (np.abs(videos[i, f].numpy().astype(int) - background) > 8).any(-1)
+            ring = binary_dilation(shape, structure=np.ones((3, 3), bool))
+            assert np.array_equal(mask[i, f, ..., 0].numpy(), ring), (i, f)
+            assert 0 < ring.sum() < 0.5 * ring.size
+
+
+def test_foreground_weight_weights_the_loss_on_the_shape(text_encoder):
+    from tmd_lightning.data.toy_world import ToyVideoSpec
+    from tmd_lightning.stages.teacher import foreground_mask
+
+    stage = _stage(text_encoder, foreground_weight=8.0)
+    spec = ToyVideoSpec("green", "triangle", "left", 0.4, 0.3, 0.7, 0.5)
+    batch = {"video": torch.from_numpy(render(spec))[None].expand(2, -1, -1, -1, -1).contiguous(),
+             "caption": ["a green triangle moving left"] * 2}
+    weight = stage.foreground_weights(batch)
+    assert weight.shape == stage.codec.encode(batch["video"]).shape
+    assert set(weight.unique().tolist()) == {1.0, 9.0}
+    # the weights sit where the pixels of the grown mask are, in the codec's latent layout
+    pixels = stage.codec.decode(weight - 5.0)  # 9 -> +4 (255 after clipping), 1 -> -4 (0)
+    assert torch.equal(pixels[..., :1] > 127, foreground_mask(batch["video"]))
+    with pytest.raises(ValueError, match="decoded videos"):
+        stage.foreground_weights({"latents": torch.zeros(1, 48, 9, 4, 4), "caption": ["x"]})
+    with pytest.raises(ValueError, match="pixel codec"):
+        TeacherStage(WanTransformer3DModel(**TINY), object(), text_encoder, optimizer=None, foreground_weight=1.0)
