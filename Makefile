@@ -66,9 +66,10 @@ lint: install  ## ruff check (configured in pyproject.toml)
 bench: install  ## Print the foundation benchmark table (toy, CPU)
 	$(PYTHON) benchmarks/foundation.py
 
-# Reproduces the shipped toy teacher (K = 2 codec): 8,500 steps at about 0.9 s per step on 2 CPU cores, so about
-# 2 h; the shipped weights are its EMA at step 8,500 (see README, "The shipped toy teacher").
-teacher: install  ## Train the toy teacher from scratch (about 2 h on 2 CPU cores)
+# The shipped toy teacher's recipe (width 256, K = 2 codec, shape-weighted loss): 7,000 steps at about 0.7 s per
+# step on 2 idle CPU cores, so about 1.4 h (the shipped weights came from this recipe in phases: README, "The shipped
+# toy teacher").
+teacher: install  ## Train the toy teacher from scratch (about 1.5 h on 2 CPU cores)
 	$(PYTHON) -m tmd_lightning.fit experiment=teacher
 
 clean:  ## Remove logs/, outputs/ and .pytest_cache/
