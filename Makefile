@@ -53,8 +53,8 @@ baseline-1step: install  ## The one-step DMD2-v: KD pairs, KD warm-up, then DMD2
 	$(PYTHON) -m tmd_lightning.fit experiment=kd_warmup
 	$(PYTHON) -m tmd_lightning.fit experiment=distill_dmd2 stage.M=1
 
-# Sample the shipped toy teacher only (2.5 minutes).
-teacher-demo: install  ## Sample the shipped toy teacher and print its toy accuracy (2.5 min)
+# Sample the shipped toy teacher only (about 3 minutes).
+teacher-demo: install  ## Sample the shipped toy teacher and print its toy accuracy (about 3 min)
 	$(PYTHON) -m tmd_lightning.sample task_name=teacher_demo
 
 test: install  ## Run the test suite (CPU)

@@ -23,8 +23,8 @@ class Budget:
     """Training and evaluation sizes of one study (the full one took about 2.4 hours on 2 CPU cores, two trainings
     at a time)."""
 
-    stage1_steps: int = 300  # Stage 1 optimizer steps (batch 32); the README's single run uses 600
-    distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the single run uses 1500
+    stage1_steps: int = 300  # Stage 1 optimizer steps (batch 32); the demo (`make demo`) uses 500
+    distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the demo uses 1200
     eval_prompts: int = 48  # toy captions scored per model (all 48)
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)  # sampling seeds per prompt
     teacher_steps: int = 50  # the reference sampler: Euler 50 x CFG 5
