@@ -265,6 +265,13 @@ def plot_curves(curves: list[Curve], path: Path) -> Path:
         ax.set_xlabel("Stage-2 iteration (Stage 1: optimizer step)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    return _save(fig, axes, path)
+
+
+def _save(fig: Any, axes: Any, path: Path) -> Path:
+    """One legend (on the first panel), tight layout, PNG at 130 dpi; closes the figure."""
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -323,11 +330,7 @@ def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
         ax.set_xlabel("effective NFE")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget: Budget, quick: bool,
