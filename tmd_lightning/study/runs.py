@@ -183,6 +183,11 @@ def run_command(run: Run, out: Path) -> list[str]:
     return ENTRY_COMMANDS[run.entry](run, out)
 
 
+def folder_log(out: Path, run: Run) -> Path:
+    """Where a run's output goes: `<run>/<entry>.log`."""
+    return run_dir(out, run.name) / f"{run.entry}.log"
+
+
 def is_done(out: Path, name: str) -> bool:
     return (run_dir(out, name) / "done.json").is_file()
 
@@ -197,7 +202,7 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) 
     pending = [r for r in runs if not is_done(out, r.name)]
     total, started = len(pending), 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    active: dict[str, tuple[subprocess.Popen, float, Any, str]] = {}
+    active: dict[str, tuple[subprocess.Popen, float, Any, Run]] = {}
     while pending or active:
         for run in [r for r in pending if all(is_done(out, d) for d in r.depends)][: jobs - len(active)]:
             pending.remove(run)
@@ -205,17 +210,17 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) 
             folder.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                    "PYTHONUNBUFFERED": "1"}
-            logfile = open(folder / f"{run.entry}.log", "a")  # noqa: SIM115 - closed when the process ends
+            logfile = open(folder_log(out, run), "a")  # noqa: SIM115 - closed when the process ends
             started += 1
             print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({started}/{total})", flush=True)
             active[run.name] = (subprocess.Popen(run_command(run, out), stdout=logfile, stderr=subprocess.STDOUT,
-                                                 env=env), time.perf_counter(), logfile, run.entry)
+                                                 env=env), time.perf_counter(), logfile, run)
         if not active:
             missing = "; ".join(f"{r.name} needs {', '.join(d for d in r.depends if not is_done(out, d))}"
                                 for r in pending)
             raise RuntimeError(f"cannot start {missing}: not done (excluded by --only?)")
         time.sleep(poll_seconds)
-        for name, (proc, start, logfile, entry) in list(active.items()):
+        for name, (proc, start, logfile, run) in list(active.items()):
             if proc.poll() is None:
                 continue
             logfile.close()
@@ -224,8 +229,7 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) 
                 for other, _, fh, _ in active.values():
                     other.kill()
                     fh.close()
-                log_file = run_dir(out, name) / f"{entry}.log"
-                raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see {log_file}")
+                raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see {folder_log(out, run)}")
             seconds = time.perf_counter() - start
             (run_dir(out, name) / "done.json").write_text(json.dumps({"seconds": seconds}))
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds / 60:.1f} min", flush=True)
