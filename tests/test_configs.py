@@ -77,3 +77,20 @@ def test_debug_fdr_runs_adapt_head_in_process(tmp_path: Path) -> None:
     assert result["train/loss"] > 0
     assert not (tmp_path / "out" / "export").exists()
     assert not (tmp_path / "logs" / "adapt_head" / "latest").exists()  # no checkpoint: `latest` is not moved
+
+
+@pytest.mark.parametrize("model", ["toy", "wan2.1_t2v_1.3b"])
+def test_guidance_has_one_home(tmp_path: Path, model: str) -> None:
+    """The teacher's guidance scale is the model's (`model.guidance_scale`): the teacher's sampler and toy eval,
+    Stage 2's VSD target (TMD and DMD2-v), the KD pairs, `generate` and `evaluate`'s guided teacher rows."""
+    w = 3.5  # neither default, so nothing passes by coincidence
+    fit = {e: _compose(tmp_path, f"experiment={e}", f"model={model}", f"model.guidance_scale={w}")
+           for e in ("teacher", "distill", "distill_dmd2")}
+    assert fit["teacher"].stage.sampler.cfg == fit["teacher"].callbacks.toy_eval.sampler.cfg == w
+    assert fit["distill"].stage.cfg_scale == fit["distill_dmd2"].stage.cfg_scale == w
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        other = {name: compose(name, overrides=[f"model={model}", f"model.guidance_scale={w}"])
+                 for name in ("kd_pairs", "generate", "evaluate")}
+    assert other["kd_pairs"].sampler.cfg == other["generate"].sampler.cfg == w
+    teacher_rows = other["evaluate"].models[0].samplers
+    assert [r.cfg for r in teacher_rows] == [w, w, 1.0, w]

@@ -31,6 +31,7 @@ from tmd_lightning.sampling import cfg_velocity, teacher_sample
 CAPTIONS = all_captions()[:3]
 SEED = 5
 STEPS = 3
+TOY_GUIDANCE = float(OmegaConf.load(CONFIG_DIR / "model" / "toy.yaml").guidance_scale)  # the pairs' CFG
 
 
 def _cfg(teacher: Path, output: Path, *overrides: str) -> DictConfig:
@@ -87,8 +88,8 @@ def test_stored_pairs_are_the_teacher_samplers_output_from_the_stored_noise(cach
         eps = torch.randn(shape, generator=torch.Generator().manual_seed(SEED + i))  # seeded by the pair's index
         assert torch.equal(noise, eps)
         cond = toy_text_encoder([sample["caption"]])
-        with torch.no_grad():  # the teacher's sampler, called directly: 3 Euler steps, CFG 5 against ""
-            expected = teacher_sample(cfg_velocity(_wan_fn(wan), cond, neg, 5.0), eps[None], STEPS, 3.0)[0]
+        with torch.no_grad():  # the teacher's sampler, called directly: 3 Euler steps, the toy's CFG against ""
+            expected = teacher_sample(cfg_velocity(_wan_fn(wan), cond, neg, TOY_GUIDANCE), eps[None], STEPS, 3.0)[0]
         torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
         assert (latents - noise).abs().mean() > 0.1  # the teacher moved it
         n = text.shape[0]
@@ -191,7 +192,7 @@ def test_skip_layer_guidance_skips_the_block_in_the_unconditional_branch_within_
             t = torch.full((1,), float(grid[i]))
             v_cond = _wan_fn(wan)(x, t, cond)
             v_neg = _wan_fn(skipped if step >= 2 else wan)(x, t, neg)
-            x = x - float(grid[i] - grid[i - 1]) * (v_neg + 5.0 * (v_cond - v_neg))
+            x = x - float(grid[i] - grid[i - 1]) * (v_neg + TOY_GUIDANCE * (v_cond - v_neg))
     torch.testing.assert_close(latents, x[0], atol=1e-5, rtol=1e-5)
     plain = _stored(*_plain(teacher), ("train",))[0][1]
     assert (latents - plain).abs().max() > 1e-3  # the skipped block changes the sample
@@ -225,6 +226,6 @@ def test_bad_settings_are_clear_errors(cache, teacher):
         kd_pairs.run(_cfg(teacher, teacher.parent / "bad3", "rank=2", "world_size=2"))
     with pytest.raises(ValueError, match="num_pairs must be >= 1"):
         kd_pairs.run(_cfg(teacher, teacher.parent / "bad4", "num_pairs=0", "rank=0", "world_size=1"))
-    with pytest.raises(CacheError, match=r'another configuration:\n  sampler: cache has .*"cfg": 5.0.*run has .*'
-                                         r'"cfg": 3.0'):
+    with pytest.raises(CacheError, match=rf'another configuration:\n  sampler: cache has .*"cfg": {TOY_GUIDANCE}.*'
+                                         r'run has .*"cfg": 3.0'):
         kd_pairs.run(_cfg(teacher, out, "sampler.cfg=3.0", "rank=0", "world_size=1"))

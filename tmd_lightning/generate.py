@@ -5,7 +5,7 @@
 Item i of the plan is prompt `i // seeds_per_prompt` of the prompt file (one prompt per line, or a CSV's
 `caption_column`) with seed `seed + i`: its noise depends on that seed alone (`VideoStage.initial_noise`), so the
 same item comes out whatever the batch, rank or rerun. The teacher samples it with its own sampler (50 Euler steps,
-CFG 5 by default, as `sample`).
+the model's guidance, `model.guidance_scale`).
 
 Outputs:
 - `output_format: manifest` — `videos/<item>_seed<seed>.mp4` (the toy world's H.264 4:4:4 at the sampled size) and

@@ -3,7 +3,7 @@ teacher's noise -> sample pairs for the KD warm-up of the one-step DMD2-v baseli
 
 Pair i: noise `eps_i ~ N(0, I)` from a generator seeded with `seed + i` (rounded to the storage dtype, so the stored
 noise is exactly what the teacher started from), prompt `i mod P`, and the teacher's sample from `eps_i` with its own
-sampler (`TeacherStage.sample_latents`: 50 Euler steps, CFG 5 by default), optionally with skip-layer guidance
+sampler (`TeacherStage.sample_latents`: 50 Euler steps, the model's CFG), optionally with skip-layer guidance
 (`skip_layers`, our reading of the paper's "skip-layer 10"; see configs/kd_pairs.yaml). The pairs themselves are
 `data/teacher_pairs.py`'s.
 

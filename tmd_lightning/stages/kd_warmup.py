@@ -25,7 +25,8 @@ KD_COMMANDS = ("python -m tmd_lightning.kd_pairs", "python -m tmd_lightning.fit 
 
 class KDWarmupStage(VideoStage):
     """Regresses a Wan student's one-step map onto the teacher's samples: `x̂ = ε - t_max v_θ(ε, t_max, c)`,
-    loss `MSE(x̂, x_teacher)`, where `x_teacher` is the teacher's sample (50 Euler steps, CFG 5) from the same noise ε.
+    loss `MSE(x̂, x_teacher)`, where `x_teacher` is the teacher's sample (50 Euler steps, the model's CFG) from the
+    same noise ε.
 
     `x̂` is the x0 parameterisation DMD2-v trains (`DMD2Stage.student_x0`) at the one-step grid's only time
     t_max = 0.999, and exactly what DMD2-v's one-step sampler computes from ε (`FewStepSampler` with M = 1),

@@ -27,10 +27,10 @@ class Budget:
     distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the demo uses 1200
     eval_prompts: int = 48  # toy captions scored per model (all 48)
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)  # sampling seeds per prompt
-    teacher_steps: int = 50  # the reference sampler: Euler 50 x CFG 5
+    teacher_steps: int = 50  # the reference sampler: 50 Euler steps with the model's guidance
     kd_steps: int = 100  # KD warm-up steps of the one-step DMD2-v (experiment=kd_warmup's default, batch 32)
     kd_pairs_overrides: tuple[str, ...] = ()  # the KD pairs' command line (default: model.kd_pairs = 192 pairs,
-    #   the teacher's 50 Euler steps with CFG 5)
+    #   the teacher's 50 Euler steps with the model's guidance)
     overrides: tuple[str, ...] = ()  # added to every toy-data run's command line (not to the KD warm-up: data=cache)
 
 

@@ -14,8 +14,16 @@ from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
 from tmd_lightning.study.runs import Budget, Run, is_done, project_root, student_export
 
-TEACHER_SAMPLERS = ({"cfg": 5.0}, {"steps": 1, "cfg": 5.0}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": 5.0},
+GUIDED = "guided"  # in TEACHER_SAMPLERS: the model's guidance scale (model.guidance_scale)
+TEACHER_SAMPLERS = ({"cfg": GUIDED}, {"steps": 1, "cfg": GUIDED}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": GUIDED},
                     {"steps": 3, "cfg": 1.0})  # the first takes the budget's teacher_steps
+
+
+def teacher_samplers(budget: Budget, guidance_scale: float) -> list[dict[str, Any]]:
+    """The teacher's rows: its reference sampler (the budget's steps) and its few-step samplers, with and without the
+    model's guidance."""
+    rows = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
+    return [{k: guidance_scale if v == GUIDED else v for k, v in r.items()} for r in rows]
 BATCH = 64  # videos sampled per call
 
 
@@ -64,11 +72,11 @@ def evaluation_config(out: Path) -> Any:
 def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
     """Rows for the teacher and every finished run with samplers (cached in `scores/<run>.json`); runs without
     samplers (the KD pairs) make data, not a model, and are not scored."""
-    cfg = reference = None
+    cfg, reference = evaluation_config(out), None  # composing is cheap; the reference videos load on first use
     rows: list[dict[str, Any]] = []
     scores = out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
-    teacher = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
+    teacher = teacher_samplers(budget, float(cfg.model.guidance_scale))
     todo = [("teacher", "teacher", 0, None, teacher)] + [
         (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs
         if r.samplers and is_done(out, r.name)]
@@ -77,8 +85,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         if cache.is_file():
             found = json.loads(cache.read_text())
         else:
-            if cfg is None:
-                cfg = evaluation_config(out)
+            if reference is None:
                 reference = ToyReference.from_config(cfg)
             print(f"[{time.strftime('%H:%M:%S')}] score {name} ({k}/{len(todo)})", flush=True)
             found = score_model(path if path is not None else Path(cfg.model.pretrained), samplers, budget, cfg,
