@@ -65,7 +65,7 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
         assert args[1:3] == ["-m", "tmd_lightning.kd_pairs"]
         cfg = _compose("kd_pairs", tmp_path, args)
         assert cfg.output == pairs and cfg.num_pairs == 16 and cfg.sampler.steps == 4  # QUICK: a small cache
-        assert cfg.sampler.cfg == 5.0  # the teacher's sampler otherwise as configs/kd_pairs.yaml
+        assert cfg.sampler.cfg == cfg.model.guidance_scale == 2.0  # otherwise the teacher's sampler (the toy's CFG)
         return
     cfg = _compose("fit", tmp_path, args)
     assert cfg.seed == 3
