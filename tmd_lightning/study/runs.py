@@ -20,11 +20,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Budget:
-    """Training and evaluation sizes of one study (the full one took about 2.4 hours on 2 CPU cores, two trainings
-    at a time)."""
+    """Training and evaluation sizes of one study: the demo's budgets (`make demo`), by which the toy-eval curves of
+    the width-256 teacher's students have flattened (README, "Results on the toy"). About 9 hours on 2 CPU cores for
+    three seeds; it resumes, so it can run over several sittings."""
 
-    stage1_steps: int = 300  # Stage 1 optimizer steps (batch 32); the demo (`make demo`) uses 500
-    distill_iterations: int = 300  # Stage 2 iterations (batch 16, 1 in 5 a student step); the demo uses 1200
+    stage1_steps: int = 500  # Stage 1 optimizer steps (batch 32), as the demo
+    distill_iterations: int = 1200  # Stage 2 iterations (batch 16, 1 in 5 a student step), as the demo
     eval_prompts: int = 48  # toy captions scored per model (all 48)
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)  # sampling seeds per prompt
     teacher_steps: int = 50  # the reference sampler: 50 Euler steps with the model's guidance
