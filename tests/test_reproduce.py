@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tmd_lightning.reproduce import main
 from tmd_lightning.study import runs as study
 from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
+from tmd_lightning.study.scores import cached_rows
 
 register_resolvers()
 
@@ -206,3 +208,20 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "start" not in printed and "score" not in printed.replace("scores", "")
     assert json.loads((out / "scores" / "tmd_s0.json").read_text()) == scores
+
+
+def test_stale_scores_are_scored_again(tmp_path: Path):
+    """A cached score counts only for the samplers it was made with, and only if the run has not finished since."""
+    samplers = [{"steps": 50, "cfg": 2.0}, {"steps": 2, "cfg": 1.0}]
+    cache, done = tmp_path / "teacher.json", tmp_path / "done.json"
+    rows = [{"sampler": "a", **samplers[0], "acc_joint": 0.9}, {"sampler": "b", **samplers[1], "acc_joint": 0.5}]
+    assert cached_rows(cache, samplers) is None  # nothing cached
+    cache.write_text(json.dumps(rows))
+    assert cached_rows(cache, samplers) == rows
+    assert cached_rows(cache, [{"steps": 50, "cfg": 5.0}, samplers[1]]) is None  # another guidance scale
+    assert cached_rows(cache, samplers[:1]) is None  # another sampler list
+    done.write_text("{}")
+    os.utime(cache, (1, 1))  # scored long before the run finished
+    assert cached_rows(cache, samplers, done) is None
+    os.utime(done, (0, 0))
+    assert cached_rows(cache, samplers, done) == rows

@@ -12,7 +12,7 @@ import torch
 from tmd_lightning.evaluation.generate import generate_videos, load_model
 from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
-from tmd_lightning.study.runs import Budget, Run, is_done, project_root, student_export
+from tmd_lightning.study.runs import Budget, Run, is_done, project_root, run_dir, student_export
 
 GUIDED = "guided"  # in TEACHER_SAMPLERS: the model's guidance scale (model.guidance_scale)
 TEACHER_SAMPLERS = ({"cfg": GUIDED}, {"steps": 1, "cfg": GUIDED}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": GUIDED},
@@ -69,6 +69,23 @@ def evaluation_config(out: Path) -> Any:
         return compose("evaluate", overrides=[f"paths.root_dir={project_root()}", f"paths.output_dir={out}"])
 
 
+def cached_rows(cache: Path, samplers: list[dict[str, Any]], done: Path | None = None) -> list[dict[str, Any]] | None:
+    """A model's cached score rows, or None when there are none or they are stale: scored with other samplers (e.g.
+    before the model's guidance scale changed) or before the run last finished (retrained since)."""
+    if not cache.is_file():
+        return None
+    found = json.loads(cache.read_text())
+    made_with = [{k: r.get(k) for k in s} for r, s in zip(found, samplers, strict=False)]
+    if len(found) != len(samplers) or made_with != samplers:
+        print(f"[{time.strftime('%H:%M:%S')}] {cache.name}: scored with other samplers; scoring again", flush=True)
+        return None
+    if done is not None and done.is_file() and done.stat().st_mtime > cache.stat().st_mtime:
+        print(f"[{time.strftime('%H:%M:%S')}] {cache.name}: the run finished after it was scored; scoring again",
+              flush=True)
+        return None
+    return found
+
+
 def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
     """Rows for the teacher and every finished run with samplers (cached in `scores/<run>.json`); runs without
     samplers (the KD pairs) make data, not a model, and are not scored."""
@@ -82,9 +99,8 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         if r.samplers and is_done(out, r.name)]
     for k, (name, family, seed, path, samplers) in enumerate(todo, 1):
         cache = scores / f"{name}.json"
-        if cache.is_file():
-            found = json.loads(cache.read_text())
-        else:
+        found = cached_rows(cache, samplers, None if path is None else run_dir(out, name) / "done.json")
+        if found is None:
             if reference is None:
                 reference = ToyReference.from_config(cfg)
             print(f"[{time.strftime('%H:%M:%S')}] score {name} ({k}/{len(todo)})", flush=True)
