@@ -42,11 +42,13 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def direct(teacher: Path) -> tuple[list[str], list[int], torch.Tensor]:
     """The teacher's own latents of every item, sampled in one batch."""
-    stage = load_stage(_cfg(teacher, teacher.parent / "unused")).eval()
+    cfg = _cfg(teacher, teacher.parent / "unused")
+    stage = load_stage(cfg).eval()
     captions = [c for c in CAPTIONS for _ in range(2)]
     seeds = [SEED + i for i in range(6)]
+    assert cfg.sampler.cfg == cfg.model.guidance_scale  # `generate` guides as the model does
     with torch.inference_mode():
-        latents = stage.generate_latents(captions, seeds, 9, 16, 16, steps=2, cfg=5.0)
+        latents = stage.generate_latents(captions, seeds, 9, 16, 16, steps=2, cfg=cfg.model.guidance_scale)
     return captions, seeds, latents, stage
 
 
