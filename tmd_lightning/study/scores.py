@@ -14,16 +14,19 @@ from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
 from tmd_lightning.study.runs import Budget, Run, is_done, project_root, run_dir, student_export
 
-GUIDED = "guided"  # in TEACHER_SAMPLERS: the model's guidance scale (model.guidance_scale)
-TEACHER_SAMPLERS = ({"cfg": GUIDED}, {"steps": 1, "cfg": GUIDED}, {"steps": 2, "cfg": 1.0}, {"steps": 2, "cfg": GUIDED},
-                    {"steps": 3, "cfg": 1.0})  # the first takes the budget's teacher_steps
+EXTRA_TEACHER_SAMPLERS = ({"steps": 3, "cfg": 1.0},)  # beside `evaluate`'s teacher rows: Euler 3 without CFG
 
 
-def teacher_samplers(budget: Budget, guidance_scale: float) -> list[dict[str, Any]]:
-    """The teacher's rows: its reference sampler (the budget's steps) and its few-step samplers, with and without the
-    model's guidance."""
-    rows = [{"steps": budget.teacher_steps, **TEACHER_SAMPLERS[0]}, *TEACHER_SAMPLERS[1:]]
-    return [{k: guidance_scale if v == GUIDED else v for k, v in r.items()} for r in rows]
+def teacher_samplers(budget: Budget, cfg: Any) -> list[dict[str, Any]]:
+    """The teacher's rows: `evaluate`'s (the model's guidance resolved), the first at the budget's step count, and
+    EXTRA_TEACHER_SAMPLERS."""
+    from omegaconf import OmegaConf
+
+    (teacher,) = [m for m in cfg.models if m.label == "teacher"]
+    rows = [dict(r) for r in OmegaConf.to_container(teacher.samplers, resolve=True)]
+    return [{**rows[0], "steps": budget.teacher_steps}, *rows[1:], *map(dict, EXTRA_TEACHER_SAMPLERS)]
+
+
 BATCH = 64  # videos sampled per call
 
 
@@ -93,7 +96,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     scores = out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
-    teacher = teacher_samplers(budget, float(cfg.model.guidance_scale))
+    teacher = teacher_samplers(budget, cfg)
     todo = [("teacher", "teacher", 0, None, teacher)] + [
         (r.name, r.family, r.seed, student_export(out, r.name), list(r.samplers)) for r in runs
         if r.samplers and is_done(out, r.name)]
