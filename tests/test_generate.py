@@ -17,6 +17,7 @@ import tmd_lightning.data.generation as generation
 import tmd_lightning.generate as generate
 from tmd_lightning.config import CONFIG_DIR
 from tmd_lightning.data import CachedDataModule, CacheError, VideoTextDataModule
+from tmd_lightning.data.backends import get_backend
 from tmd_lightning.data.manifest import read_manifest
 from tmd_lightning.data.toy_world import all_captions
 from tmd_lightning.evaluation import load_stage
@@ -107,8 +108,11 @@ def test_two_ranks_write_disjoint_shares_and_the_last_merges_one_manifest(manife
     names = [f"{i:07d}_seed{SEED + i}.mp4" for i in range(6)]
     assert shares == [{names[0], names[1], names[4], names[5]}, {names[2], names[3]}]  # shards 0, 2 | shard 1
     assert result["manifest"].read_text() == manifest_run["manifest"].read_text()  # all items, in item order
-    for name in names:
-        assert (out / "videos" / name).read_bytes() == (manifest_run["output"] / "videos" / name).read_bytes()
+    pyav = get_backend("pyav")
+    for name in names:  # the same samples; pixels, not bytes: a rerun's item 3 was sampled in another batch size,
+        # which moves float sums by an ulp on some CPUs, and the lossy encoder turns that into other bytes
+        ranked, single = (pyav.read(d / "videos" / name, 9).astype(float) for d in (out, manifest_run["output"]))
+        assert abs(ranked - single).mean() < 0.5
 
 
 def test_cache_output_is_served_by_the_cache_datamodule(teacher, direct):
