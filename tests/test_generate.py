@@ -109,10 +109,14 @@ def test_two_ranks_write_disjoint_shares_and_the_last_merges_one_manifest(manife
     assert shares == [{names[0], names[1], names[4], names[5]}, {names[2], names[3]}]  # shards 0, 2 | shard 1
     assert result["manifest"].read_text() == manifest_run["manifest"].read_text()  # all items, in item order
     pyav = get_backend("pyav")
-    for name in names:  # the same samples; pixels, not bytes: a rerun's item 3 was sampled in another batch size,
-        # which moves float sums by an ulp on some CPUs, and the lossy encoder turns that into other bytes
-        ranked, single = (pyav.read(d / "videos" / name, 9).astype(float) for d in (out, manifest_run["output"]))
-        assert abs(ranked - single).mean() < 0.5
+    ranked, single = ([pyav.read(d / "videos" / n, 9).astype(float) for n in names]
+                      for d in (out, manifest_run["output"]))
+    # The same samples, compared in pixels, not bytes: a rerun's item 3 was sampled in another batch size, which moves
+    # float sums by an ulp on some CPUs, and the lossy encoder of the random teacher's noisy frames turns that into
+    # other bytes and pixel errors of about 0.5 of 255; two different items differ by about 100.
+    for k, video in enumerate(ranked):
+        errors = [abs(video - other).mean() for other in single]
+        assert errors[k] < 3.0 and all(errors[k] * 10 < e for j, e in enumerate(errors) if j != k)
 
 
 def test_cache_output_is_served_by_the_cache_datamodule(teacher, direct):
