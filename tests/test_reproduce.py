@@ -208,6 +208,36 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "start" not in printed and "score" not in printed.replace("scores", "")
     assert json.loads((out / "scores" / "tmd_s0.json").read_text()) == scores
+    # a later sitting on a fresh clone: the run folders (not in git) are gone, the scores and their records are not
+    (out / "runs").rename(tmp_path / "runs_elsewhere")
+    main(argv)
+    printed = capsys.readouterr().out
+    assert "start" not in printed and "score" not in printed.replace("scores", "")
+    assert "kept from earlier sittings (scores cached): s1_tmmf_s0, tmd_s0" in printed
+    assert {r["run"] for r in csv.DictReader((out / "results.csv").open())} == {"teacher", "s1_tmmf_s0", "tmd_s0"}
+    again = (out / "REPORT.md").read_text()
+    assert "- TMD: joint" in again and "| tmd_s0 |" in again  # the curve and the training time kept beside the scores
+
+
+def test_carried_runs_train_again_only_when_a_run_needs_their_checkpoint(tmp_path: Path):
+    """A run scored in an earlier sitting whose folder is gone is kept as it is, unless a run still to train starts
+    from it; then it trains again first (and the runs it needs in turn)."""
+    m = ({"M": 1},)  # a model (scored); the pairs make data (no samplers, never scored)
+    runs = [Run("pairs", None), Run("kd_s0", "kd_warmup", needs=("pairs",), samplers=m),
+            Run("s1_s0", "adapt_head", samplers=m), Run("tmd_s0", "distill", init="s1_s0", samplers=m),
+            Run("norollout_s0", "distill", init="s1_s0", samplers=m),
+            Run("dmd2_m1_s0", "distill_dmd2", needs=("kd_s0",), samplers=m), Run("s1_s1", "adapt_head", samplers=m)]
+    (tmp_path / "scores").mkdir()
+    for name in ("kd_s0", "s1_s0", "tmd_s0", "dmd2_m1_s0", "s1_s1"):
+        (tmp_path / "scores" / f"{name}.json").write_text("[]")
+    (tmp_path / "runs" / "s1_s1").mkdir(parents=True)
+    (tmp_path / "runs" / "s1_s1" / "done.json").write_text("{}")  # finished here
+    assert [r.name for r in study.runs_to_train(runs, tmp_path)] == ["s1_s0", "norollout_s0"]
+    assert study.is_carried(tmp_path, "tmd_s0") and not study.is_carried(tmp_path, "s1_s1")
+    (tmp_path / "scores" / "norollout_s0.json").write_text("[]")
+    assert study.runs_to_train(runs, tmp_path) == []
+    (tmp_path / "scores" / "dmd2_m1_s0.json").unlink()  # its KD warm-up and the pairs train again
+    assert [r.name for r in study.runs_to_train(runs, tmp_path)] == ["pairs", "kd_s0", "dmd2_m1_s0"]
 
 
 def test_stale_scores_are_scored_again(tmp_path: Path):

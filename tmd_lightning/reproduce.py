@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tmd_lightning.quiet import quiet_third_party
 from tmd_lightning.study.report import write_report
-from tmd_lightning.study.runs import FULL, QUICK, prepare_toy_data, run_dir, study_runs, train
+from tmd_lightning.study.runs import FULL, QUICK, prepare_toy_data, run_record, study_runs, train
 from tmd_lightning.study.scores import load_scores, score
 
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare_toy_data(budget)
         train(runs, out, args.jobs)
         rows = score(runs, out, budget)
-    minutes = {r.name: json.loads((run_dir(out, r.name) / "done.json").read_text())["seconds"] / 60 for r in runs
-               if (run_dir(out, r.name) / "done.json").is_file()}
+    minutes = {r.name: json.loads(run_record(out, r.name, "done.json").read_text())["seconds"] / 60 for r in runs
+               if run_record(out, r.name, "done.json").is_file()}
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     command = ("python -m tmd_lightning.reproduce " + shlex.join(given)).strip()
     report = write_report(rows, runs, out, budget, args.quick, args.seeds, command,

@@ -13,7 +13,7 @@ from statistics import mean
 from typing import Any
 
 from tmd_lightning.evaluation.report import markdown_table, write_csv
-from tmd_lightning.study.runs import KD_FAMILY, STAGE2_EXPERIMENTS, Budget, Run, run_dir
+from tmd_lightning.study.runs import KD_FAMILY, STAGE2_EXPERIMENTS, Budget, Run, run_record
 
 # (key, header, format, higher is better)
 METRICS = [("acc_joint", "joint", "{:.3f}", True), ("acc_colour", "colour", "{:.3f}", True),
@@ -231,7 +231,7 @@ def read_toy_eval(path: Path) -> dict[int, dict[str, float]]:
 def family_curve(family: str, runs: list[Run], out: Path) -> Curve | None:
     """The mean curve of a family's runs that wrote a toy_eval.csv, at the steps all of them evaluated."""
     mine = [r for r in runs if r.family == family]
-    logs = [log for log in (read_toy_eval(run_dir(out, r.name) / "toy_eval.csv") for r in mine) if log]
+    logs = [log for log in (read_toy_eval(run_record(out, r.name, "toy_eval.csv")) for r in mine) if log]
     if not logs:
         return None
     keys = [key for key, _, _ in CURVE_METRICS]
@@ -381,8 +381,10 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
                   "(runs overlap when `--jobs` > 1):", "",
                   markdown_table(["run", "minutes"], [[k, f"{v:.1f}"] for k, v in train_minutes.items()], left=1), ""]
     lines += ["## Files", "", "- `results.csv`: every run x sampler with every metric (one row per training seed).",
-              "- `scores/<run>.json`: the cached scores; `runs/<run>/` (not in git): each run's folder with its "
-              "config, logs, checkpoints and exported student.", ""]
+              "- `scores/<run>.json`: the cached scores, with `scores/<run>.done.json` (training time) and "
+              "`scores/<run>.toy_eval.csv` (training curve) copied from the run's folder, so a later sitting on "
+              "another machine keeps them; `runs/<run>/` (not in git): each run's folder with its config, logs, "
+              "checkpoints and exported student.", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
     return report

@@ -193,14 +193,54 @@ def is_done(out: Path, name: str) -> bool:
     return (run_dir(out, name) / "done.json").is_file()
 
 
+def score_file(out: Path, name: str) -> Path:
+    """A model's cached score rows (`scores/<run>.json`, kept in git)."""
+    return out / "scores" / f"{name}.json"
+
+
+def is_carried(out: Path, name: str) -> bool:
+    """A run finished and scored elsewhere (an earlier sitting, maybe another machine): its scores are cached but its
+    folder (not in git) holds no finished run here. It counts as finished unless a run still to train needs its
+    checkpoint."""
+    return not is_done(out, name) and score_file(out, name).is_file()
+
+
+def run_record(out: Path, name: str, file: str) -> Path:
+    """A finished run's `done.json` or `toy_eval.csv`: from its folder, else the copy kept beside its scores
+    (`scores/<run>.<file>`, written when it was scored), so a carried run keeps its training time and curve."""
+    local = run_dir(out, name) / file
+    return local if local.is_file() else out / "scores" / f"{name}.{file}"
+
+
+def runs_to_train(runs: list[Run], out: Path) -> list[Run]:
+    """The runs `train` starts: every unfinished run that is not carried, and every carried run (or data-making run)
+    whose output one of those still needs (it trains again here, and is scored again)."""
+    by_name = {r.name: r for r in runs}
+    providers = {dep for r in runs for dep in r.depends}
+    # a run that makes data for others (the KD pairs: no samplers, never scored) trains when one of them does
+    todo = {r.name for r in runs if not is_done(out, r.name) and not is_carried(out, r.name)
+            and (r.samplers or r.name not in providers)}
+    stack = list(todo)
+    while stack:
+        for dep in by_name[stack.pop()].depends:
+            if dep in by_name and dep not in todo and not is_done(out, dep):
+                todo.add(dep)
+                stack.append(dep)
+    return [r for r in runs if r.name in todo]
+
+
 def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) -> None:
-    """Runs every unfinished run, `jobs` at a time, each once every run it depends on is done; stops on the first
-    failure. Each run's output goes to `<run>/<entry>.log`.
+    """Runs every unfinished run (`runs_to_train`), `jobs` at a time, each once every run it depends on is done;
+    stops on the first failure. Each run's output goes to `<run>/<entry>.log`.
 
     With several jobs each process gets an equal share of the CPU threads (`OMP_NUM_THREADS`), which on a small
     machine gives more throughput than one multi-threaded run at a time.
     """
-    pending = [r for r in runs if not is_done(out, r.name)]
+    pending = runs_to_train(runs, out)
+    carried = [r.name for r in runs if is_carried(out, r.name) and r not in pending]
+    if carried:
+        print(f"[{time.strftime('%H:%M:%S')}] kept from earlier sittings (scores cached): {', '.join(carried)}",
+              flush=True)
     total, started = len(pending), 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
     active: dict[str, tuple[subprocess.Popen, float, Any, Run]] = {}
