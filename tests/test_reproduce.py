@@ -208,6 +208,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "start" not in printed and "score" not in printed.replace("scores", "")
     assert json.loads((out / "scores" / "tmd_s0.json").read_text()) == scores
+    main([*argv[:4], "s1_tmmf_s0", *argv[5:]])  # a narrower --only: the report still covers tmd_s0's scores
+    assert {r["run"] for r in csv.DictReader((out / "results.csv").open())} == {"teacher", "s1_tmmf_s0", "tmd_s0"}
+    assert "- TMD: joint" in (out / "REPORT.md").read_text()
+    capsys.readouterr()
     # a later sitting on a fresh clone: the run folders (not in git) are gone, the scores and their records are not
     (out / "runs").rename(tmp_path / "runs_elsewhere")
     main(argv)
