@@ -242,6 +242,10 @@ def test_carried_runs_train_again_only_when_a_run_needs_their_checkpoint(tmp_pat
     assert study.runs_to_train(runs, tmp_path) == []
     (tmp_path / "scores" / "dmd2_m1_s0.json").unlink()  # its KD warm-up and the pairs train again
     assert [r.name for r in study.runs_to_train(runs, tmp_path)] == ["pairs", "kd_s0", "dmd2_m1_s0"]
+    # `--only dmd2_m1_s0`: what it needs comes from the whole study
+    only = [r for r in runs if r.name == "dmd2_m1_s0"]
+    assert [r.name for r in study.runs_to_train(only, tmp_path, runs)] == ["pairs", "kd_s0", "dmd2_m1_s0"]
+    assert [r.name for r in study.runs_to_train(only, tmp_path)] == ["dmd2_m1_s0"]  # (train then stops: kd_s0 missing)
 
 
 def test_stale_scores_are_scored_again(tmp_path: Path):

@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = load_scores(every, out)
     else:
         prepare_toy_data(budget)
-        train(runs, out, args.jobs)
-        rows = score(runs, out, budget)
-        # the report covers the whole study: the runs `--only` left out count with their cached scores
-        rows += [r for r in load_scores([r for r in every if r not in runs], out) if r["run"] != "teacher"]
+        trained = train(runs, out, args.jobs, study=every)  # with the runs outside `--only` that they need
+        scored = [r for r in every if r in runs or r in trained]
+        rows = score(scored, out, budget)
+        # the report covers the whole study: the other runs count with their cached scores
+        rows += [r for r in load_scores([r for r in every if r not in scored], out) if r["run"] != "teacher"]
     minutes = {r.name: json.loads(run_record(out, r.name, "done.json").read_text())["seconds"] / 60 for r in every
                if run_record(out, r.name, "done.json").is_file()}
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]

@@ -212,11 +212,13 @@ def run_record(out: Path, name: str, file: str) -> Path:
     return local if local.is_file() else out / "scores" / f"{name}.{file}"
 
 
-def runs_to_train(runs: list[Run], out: Path) -> list[Run]:
-    """The runs `train` starts: every unfinished run that is not carried, and every carried run (or data-making run)
-    whose output one of those still needs (it trains again here, and is scored again)."""
-    by_name = {r.name: r for r in runs}
-    providers = {dep for r in runs for dep in r.depends}
+def runs_to_train(runs: list[Run], out: Path, study: list[Run] | None = None) -> list[Run]:
+    """The runs `train` starts: every unfinished run of `runs` that is not carried, and every carried run (or
+    data-making run) of the whole `study` (default: `runs`) whose output one of those still needs (it trains again
+    here, and is scored again), in the study's order."""
+    study = runs if study is None else study
+    by_name = {r.name: r for r in (*study, *runs)}
+    providers = {dep for r in by_name.values() for dep in r.depends}
     # a run that makes data for others (the KD pairs: no samplers, never scored) trains when one of them does
     todo = {r.name for r in runs if not is_done(out, r.name) and not is_carried(out, r.name)
             and (r.samplers or r.name not in providers)}
@@ -226,17 +228,20 @@ def runs_to_train(runs: list[Run], out: Path) -> list[Run]:
             if dep in by_name and dep not in todo and not is_done(out, dep):
                 todo.add(dep)
                 stack.append(dep)
-    return [r for r in runs if r.name in todo]
+    return [r for r in by_name.values() if r.name in todo]
 
 
-def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) -> None:
-    """Runs every unfinished run (`runs_to_train`), `jobs` at a time, each once every run it depends on is done;
-    stops on the first failure. Each run's output goes to `<run>/<entry>.log`.
+def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
+          study: list[Run] | None = None) -> list[Run]:
+    """Runs every unfinished run (`runs_to_train`: with the runs of the whole `study` they need), `jobs` at a time,
+    each once every run it depends on is done; stops on the first failure; returns the runs it started. Each run's
+    output goes to `<run>/<entry>.log`.
 
     With several jobs each process gets an equal share of the CPU threads (`OMP_NUM_THREADS`), which on a small
     machine gives more throughput than one multi-threaded run at a time.
     """
-    pending = runs_to_train(runs, out)
+    pending = runs_to_train(runs, out, study)
+    started_runs = list(pending)
     carried = [r.name for r in runs if is_carried(out, r.name) and r not in pending]
     if carried:
         print(f"[{time.strftime('%H:%M:%S')}] kept from earlier sittings (scores cached): {', '.join(carried)}",
@@ -274,6 +279,7 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0) 
             seconds = time.perf_counter() - start
             (run_dir(out, name) / "done.json").write_text(json.dumps({"seconds": seconds}))
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds / 60:.1f} min", flush=True)
+    return started_runs
 
 
 def project_root() -> Path:
