@@ -205,11 +205,16 @@ def is_carried(out: Path, name: str) -> bool:
     return not is_done(out, name) and score_file(out, name).is_file()
 
 
+def kept_record(out: Path, name: str, file: str) -> Path:
+    """Where a run's `done.json` or `toy_eval.csv` is copied beside its scores when it is scored (kept in git)."""
+    return out / "scores" / f"{name}.{file}"
+
+
 def run_record(out: Path, name: str, file: str) -> Path:
     """A finished run's `done.json` or `toy_eval.csv`: from its folder, else the copy kept beside its scores
-    (`scores/<run>.<file>`, written when it was scored), so a carried run keeps its training time and curve."""
+    (`kept_record`), so a carried run keeps its training time and curve."""
     local = run_dir(out, name) / file
-    return local if local.is_file() else out / "scores" / f"{name}.{file}"
+    return local if local.is_file() else kept_record(out, name, file)
 
 
 def runs_to_train(runs: list[Run], out: Path, study: list[Run] | None = None) -> list[Run]:

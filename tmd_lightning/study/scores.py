@@ -13,7 +13,17 @@ import torch
 from tmd_lightning.evaluation.generate import generate_videos, load_model
 from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
-from tmd_lightning.study.runs import Budget, Run, is_carried, is_done, project_root, run_dir, student_export
+from tmd_lightning.study.runs import (
+    Budget,
+    Run,
+    is_carried,
+    is_done,
+    kept_record,
+    project_root,
+    run_dir,
+    score_file,
+    student_export,
+)
 
 EXTRA_TEACHER_SAMPLERS = ({"steps": 3, "cfg": 1.0},)  # beside `evaluate`'s teacher rows: Euler 3 without CFG
 
@@ -102,7 +112,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         (r.name, r.family, r.seed, student_export(out, r.name) if is_done(out, r.name) else None, list(r.samplers))
         for r in runs if r.samplers and (is_done(out, r.name) or is_carried(out, r.name))]
     for k, (name, family, seed, path, samplers) in enumerate(todo, 1):
-        cache = scores / f"{name}.json"
+        cache = score_file(out, name)
         found = cached_rows(cache, samplers, None if path is None else run_dir(out, name) / "done.json")
         if found is None and name != "teacher" and path is None:  # carried, scored with other samplers
             print(f"[{time.strftime('%H:%M:%S')}] {name}: left out (its cached scores are stale and its run is not "
@@ -111,7 +121,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         if path is not None:  # keep its time and curve beside its scores, for sittings without its folder
             for file in ("done.json", "toy_eval.csv"):
                 if (run_dir(out, name) / file).is_file():
-                    shutil.copyfile(run_dir(out, name) / file, scores / f"{name}.{file}")
+                    shutil.copyfile(run_dir(out, name) / file, kept_record(out, name, file))
         if found is None:
             if reference is None:
                 reference = ToyReference.from_config(cfg)
