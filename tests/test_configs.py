@@ -94,3 +94,14 @@ def test_guidance_has_one_home(tmp_path: Path, model: str) -> None:
     assert other["kd_pairs"].sampler.cfg == other["generate"].sampler.cfg == w
     teacher_rows = other["evaluate"].models[0].samplers
     assert [r.cfg for r in teacher_rows] == [w, w, 1.0, w]
+
+
+@pytest.mark.parametrize("model,gamma", [("toy", 3.0), ("wan2.1_t2v_1.3b", 10.0)])
+def test_student_grid_shift_is_the_models(tmp_path: Path, model: str, gamma: float) -> None:
+    """The toy experiments sample every student (TMD in both stages, DMD2-v at any M, the KD warm-up's export) on
+    the toy's grid shift (`model.student_grid_gamma`); a model without one keeps the paper's 10."""
+    fit = {e: _compose(tmp_path, f"experiment={e}", f"model={model}", "model.pretrained=/somewhere/wan")
+           for e in ("adapt_head", "distill", "distill_dmd2", "kd_warmup")}
+    assert [float(fit[e].stage.grid_gamma) for e in fit] == [gamma] * 4
+    toy = _compose(tmp_path, "experiment=distill", "model.student_grid_gamma=4.5")
+    assert toy.stage.grid_gamma == toy.tmd.gamma == 4.5

@@ -111,7 +111,7 @@ def test_toy_experiments_keep_their_own_values(tmp_path: Path) -> None:
     adapt = _resolved(tmp_path, "experiment=adapt_head")
     distill = _resolved(tmp_path, "experiment=distill")
     assert adapt.stage.optimizer.lr == 2e-4 and adapt.stage.global_batch is None and adapt.data.batch_size == 32
-    assert distill.stage.optimizer.lr == 1e-4 and distill.stage.max_iterations == 1200
+    assert distill.stage.optimizer.lr == 1e-4 and distill.stage.max_iterations == 1500
     assert distill.stage.student.checkpoint == f"{tmp_path}/logs/adapt_head/latest/checkpoints/last.ckpt"
     assert "toy_eval" in adapt.callbacks and adapt.stage.activation_checkpointing is False
 
