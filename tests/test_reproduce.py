@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.reproduce import main
 from tmd_lightning.study import runs as study
+from tmd_lightning.study.recipes import retire_stale, run_recipe
 from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
 from tmd_lightning.study.scores import cached_rows
@@ -263,3 +265,31 @@ def test_stale_scores_are_scored_again(tmp_path: Path):
     assert cached_rows(cache, samplers, done) is None
     os.utime(done, (0, 0))
     assert cached_rows(cache, samplers, done) == rows
+
+
+def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
+    """A run trained with another recipe (here: the toy's grid shift changed after Stage 1 was trained), and every
+    run that starts from it, is set aside with its cached scores, so it trains and is scored again; a run trained
+    before recipes were recorded counts as changed; nothing is deleted."""
+    runs = [r for r in study_runs([0], QUICK) if r.name in ("s1_tmmf_s0", "s1_tm_s0", "tmd_s0")]
+    for r in runs:
+        study.run_dir(tmp_path, r.name).mkdir(parents=True)
+        (study.run_dir(tmp_path, r.name) / "done.json").write_text(json.dumps({"seconds": 60, "recipe": run_recipe(r)}))
+        study.score_file(tmp_path, r.name).parent.mkdir(exist_ok=True)
+        study.score_file(tmp_path, r.name).write_text("[]")
+    assert retire_stale(runs, tmp_path) == []  # recorded as trained: nothing to redo
+    changed = [replace(r, overrides=(*r.overrides, "model.student_grid_gamma=10.0")) if r.name == "s1_tmmf_s0" else r
+               for r in runs]
+    assert retire_stale(changed, tmp_path, set_aside=False) == ["s1_tmmf_s0", "tmd_s0"]
+    printed = capsys.readouterr().out
+    assert "s1_tmmf_s0: recipe changed (model.student_grid_gamma: 3.0 -> 10.0)" in printed
+    assert "tmd_s0: recipe changed (it starts from s1_tmmf_s0, which trains again)" in printed
+    assert all(study.is_done(tmp_path, r.name) for r in runs)  # only reported so far
+    assert retire_stale(changed, tmp_path) == ["s1_tmmf_s0", "tmd_s0"]
+    assert not study.run_dir(tmp_path, "s1_tmmf_s0").exists() and not study.score_file(tmp_path, "tmd_s0").exists()
+    assert len(list((tmp_path / "runs" / ".stale").iterdir())) == 2
+    assert len(list((tmp_path / "scores" / ".stale").iterdir())) == 2
+    assert study.is_done(tmp_path, "s1_tm_s0") and study.score_file(tmp_path, "s1_tm_s0").is_file()
+    (study.run_dir(tmp_path, "s1_tm_s0") / "done.json").write_text(json.dumps({"seconds": 60}))
+    assert retire_stale(changed, tmp_path, set_aside=False) == ["s1_tm_s0"]
+    assert "s1_tm_s0: recipe changed (none recorded: trained before recipes were recorded)" in capsys.readouterr().out

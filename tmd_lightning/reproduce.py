@@ -23,6 +23,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from tmd_lightning.quiet import quiet_third_party
+from tmd_lightning.study.recipes import retire_stale, run_recipe
 from tmd_lightning.study.report import write_report
 from tmd_lightning.study.runs import FULL, QUICK, prepare_toy_data, run_record, study_runs, train
 from tmd_lightning.study.scores import load_scores, score
@@ -51,10 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.report_only:
-        rows = load_scores(every, out)
+        stale = retire_stale(every, out, set_aside=False)  # made with another recipe: not today's results
+        rows = [r for r in load_scores(every, out) if r["run"] not in stale]
     else:
         prepare_toy_data(budget)
-        trained = train(runs, out, args.jobs, study=every)  # with the runs outside `--only` that they need
+        retire_stale(every, out)  # runs (and cached scores) made with another recipe train again
+        # with the runs outside `--only` that they need; each records its recipe
+        trained = train(runs, out, args.jobs, study=every, recipe=run_recipe)
         scored = [r for r in every if r in runs or r in trained]
         rows = score(scored, out, budget)
         # the report covers the whole study: the other runs count with their cached scores

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,16 +239,18 @@ def runs_to_train(runs: list[Run], out: Path, study: list[Run] | None = None) ->
 
 
 def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
-          study: list[Run] | None = None) -> list[Run]:
+          study: list[Run] | None = None, recipe: Callable[[Run], dict[str, Any]] | None = None) -> list[Run]:
     """Runs every unfinished run (`runs_to_train`: with the runs of the whole `study` they need), `jobs` at a time,
     each once every run it depends on is done; stops on the first failure; returns the runs it started. Each run's
-    output goes to `<run>/<entry>.log`.
+    output goes to `<run>/<entry>.log`; its `done.json` records its training time and `recipe(run)` (the study's
+    `recipes.run_recipe`), by which a later sitting tells a run made with another recipe.
 
     With several jobs each process gets an equal share of the CPU threads (`OMP_NUM_THREADS`), which on a small
     machine gives more throughput than one multi-threaded run at a time.
     """
     pending = runs_to_train(runs, out, study)
     started_runs = list(pending)
+    recipes = {r.name: recipe(r) for r in pending} if recipe else {}
     carried = [r.name for r in runs if is_carried(out, r.name) and r not in pending]
     if carried:
         print(f"[{time.strftime('%H:%M:%S')}] kept from earlier sittings (scores cached): {', '.join(carried)}",
@@ -283,7 +286,8 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
                     fh.close()
                 raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see {folder_log(out, run)}")
             seconds = time.perf_counter() - start
-            (run_dir(out, name) / "done.json").write_text(json.dumps({"seconds": seconds}))
+            record = {"seconds": seconds, **({"recipe": recipes[name]} if name in recipes else {})}
+            (run_dir(out, name) / "done.json").write_text(json.dumps(record))
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds / 60:.1f} min", flush=True)
     return started_runs
 
