@@ -102,7 +102,7 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
 
 
 def test_toy_eval_period_is_a_quarter_of_the_budget():
-    assert study.eval_every(FULL.distill_iterations) == 300 and study.eval_every(FULL.stage1_steps) == 125
+    assert study.eval_every(FULL.distill_iterations) == 375 and study.eval_every(FULL.stage1_steps) == 125
     assert study.eval_every(QUICK.distill_iterations) == 5  # at least 5 steps
 
 

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.report_only:
         stale = retire_stale(every, out, set_aside=False)  # made with another recipe: not today's results
-        rows = [r for r in load_scores(every, out) if r["run"] not in stale]
+        every = [r for r in every if r.name not in stale]
+        rows = load_scores(every, out)
     else:
         prepare_toy_data(budget)
         retire_stale(every, out)  # runs (and cached scores) made with another recipe train again

@@ -120,7 +120,8 @@ def verdict(comparisons: list[Comparison]) -> str:
 
 
 def claims(cells: dict[tuple[str, str], Cell]) -> list[tuple[str, list[Comparison], str]]:
-    """The paper's five claims as comparisons between cells that exist; each with a note on what was measured."""
+    """The paper's five claims as comparisons between cells that exist (none yet: its runs have no scores); each
+    with a note on what was measured."""
 
     def get(family: str, sampler: str) -> Cell | None:
         return cells.get((family, sampler))
@@ -165,7 +166,7 @@ def claims(cells: dict[tuple[str, str], Cell]) -> list[tuple[str, list[Compariso
         ]), "Coverage = within-caption spread of start position and size in samples / in real videos (1 = the "
             "data's spread, 0 = one mode per caption); see `tmd_lightning/metrics/coverage.py`."),
     ]
-    return [(title, comps, note) for title, comps, note in found if comps]
+    return found
 
 
 def lora_section(cells: dict[tuple[str, str], Cell], minutes: dict[str, float], runs: list[Run]) -> list[str]:
@@ -293,6 +294,7 @@ def curves_section(runs: list[Run], out: Path) -> list[str]:
     `--report-only` on runs from before the curves)."""
     curves = training_curves(runs, out)
     if not curves:
+        (out / "training_curves.png").unlink(missing_ok=True)  # an earlier figure would show runs no longer reported
         return []
     figure = plot_curves(curves, out / "training_curves.png")
     return ["## Training curves", "",
@@ -368,7 +370,8 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
         "",
     ]
     for title, comps, note in claims(cells):
-        lines += [f"### {title}: {verdict(comps)}", "", *(c.line() for c in comps), "", note, ""]
+        state = verdict(comps) if comps else "waiting for its runs (none scored with the current recipe)"
+        lines += [f"### {title}: {state}", "", *(c.line() for c in comps), *([""] if comps else []), note, ""]
     lines += lora_section(cells, train_minutes or {}, runs)
     lines += kd_section(cells)
     lines += ["## Quality against cost: teacher, TMD, DMD2-v (and its KD warm-up)", "",
