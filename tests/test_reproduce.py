@@ -95,6 +95,7 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
     else:
         steps = run.samplers[0]["M"]  # the run trains the student for the step count it is scored with
         assert cfg.stage._target_.endswith("DMD2Stage") and steps == cfg.tmd.M
+        assert cfg.stage.grid_gamma == cfg.model.student_grid_gamma == 3.0  # the grid TMD samples on, at every M
         # the one-step DMD2-v starts from its seed's KD warm-up (the paper's Table 7), more steps from the teacher
         assert cfg.stage.student.kd_warmup is (steps == 1)
         if steps == 1:
