@@ -19,11 +19,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tmd_lightning.study.runs import RUNS, Run, kept_record, run_dir, run_record, score_file
+from tmd_lightning.study.runs import KEPT_RECORDS, RUNS, Run, kept_record, run_dir, run_record, score_file
 
 RECIPE_SECTIONS = ("model", "tmd", "stage", "data", "trainer", "seed")  # what a run's samples depend on
 KD_PAIRS_IGNORED = ("hydra", "paths", "output", "task_name")  # the kd_pairs entry: all but where it writes
-KEPT_FILES = ("json", "done.json", "toy_eval.csv")  # a run's score rows and kept records (`kept_record`)
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,9 +113,8 @@ def retire_stale(study: list[Run], out: Path, set_aside: bool = True) -> list[st
         if run_dir(out, run.name).exists():
             (out / "runs" / ".stale").mkdir(parents=True, exist_ok=True)
             shutil.move(run_dir(out, run.name), out / "runs" / ".stale" / f"{run.name}-{stamp}")
-        for suffix in KEPT_FILES:
-            kept = score_file(out, run.name) if suffix == "json" else kept_record(out, run.name, suffix)
+        for kept in (score_file(out, run.name), *(kept_record(out, run.name, f) for f in KEPT_RECORDS)):
             if kept.is_file():
                 (out / "scores" / ".stale").mkdir(parents=True, exist_ok=True)
-                shutil.move(kept, out / "scores" / ".stale" / f"{run.name}-{stamp}.{suffix}")
+                shutil.move(kept, out / "scores" / ".stale" / f"{stamp}-{kept.name}")
     return stale

@@ -207,6 +207,9 @@ def is_carried(out: Path, name: str) -> bool:
     return not is_done(out, name) and score_file(out, name).is_file()
 
 
+KEPT_RECORDS = ("done.json", "toy_eval.csv")  # a run's files copied beside its scores (`kept_record`)
+
+
 def kept_record(out: Path, name: str, file: str) -> Path:
     """Where a run's `done.json` or `toy_eval.csv` is copied beside its scores when it is scored (kept in git)."""
     return out / "scores" / f"{name}.{file}"

@@ -14,6 +14,7 @@ from tmd_lightning.evaluation.generate import generate_videos, load_model
 from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
 from tmd_lightning.study.runs import (
+    KEPT_RECORDS,
     Budget,
     Run,
     is_carried,
@@ -119,7 +120,7 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
                   f"here; delete {cache} to train it again)", flush=True)
             continue
         if path is not None:  # keep its time and curve beside its scores, for sittings without its folder
-            for file in ("done.json", "toy_eval.csv"):
+            for file in KEPT_RECORDS:
                 if (run_dir(out, name) / file).is_file():
                     shutil.copyfile(run_dir(out, name) / file, kept_record(out, name, file))
         if found is None:
