@@ -21,7 +21,7 @@ from tmd_lightning.study import runs as study
 from tmd_lightning.study.recipes import retire_stale, run_recipe
 from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
-from tmd_lightning.study.scores import cached_rows
+from tmd_lightning.study.scores import cached_rows, weights_record
 
 register_resolvers()
 
@@ -266,6 +266,19 @@ def test_stale_scores_are_scored_again(tmp_path: Path):
     assert cached_rows(cache, samplers, done) is None
     os.utime(done, (0, 0))
     assert cached_rows(cache, samplers, done) == rows
+
+
+def test_the_teachers_score_is_tied_to_its_weights(tmp_path: Path):
+    """The teacher's cached score counts only with a record of the weights it was made with, and only for those."""
+    samplers = [{"steps": 50, "cfg": 2.0}]
+    cache = tmp_path / "teacher.json"
+    rows = [{"sampler": "a", **samplers[0], "acc_joint": 0.9}]
+    cache.write_text(json.dumps(rows))
+    assert cached_rows(cache, samplers) == rows  # a student's check: no weights asked for
+    assert cached_rows(cache, samplers, weights="abc") is None  # scored before weights were recorded
+    weights_record(cache).write_text("abc\n")
+    assert cached_rows(cache, samplers, weights="abc") == rows
+    assert cached_rows(cache, samplers, weights="def") is None  # the teacher was retrained since
 
 
 def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):

@@ -13,6 +13,7 @@ import torch
 from tmd_lightning.evaluation.generate import generate_videos, load_model
 from tmd_lightning.evaluation.scores import ToyReference, toy_accuracy, toy_fd
 from tmd_lightning.metrics.coverage import mode_coverage
+from tmd_lightning.study.recipes import weights_digest
 from tmd_lightning.study.runs import (
     KEPT_RECORDS,
     Budget,
@@ -84,9 +85,16 @@ def evaluation_config(out: Path) -> Any:
         return compose("evaluate", overrides=[f"paths.root_dir={project_root()}", f"paths.output_dir={out}"])
 
 
-def cached_rows(cache: Path, samplers: list[dict[str, Any]], done: Path | None = None) -> list[dict[str, Any]] | None:
+def weights_record(cache: Path) -> Path:
+    """Where the teacher's score records the digest of the weights it was made with (beside `scores/teacher.json`)."""
+    return cache.with_name(f"{cache.stem}.weights")
+
+
+def cached_rows(cache: Path, samplers: list[dict[str, Any]], done: Path | None = None,
+                weights: str | None = None) -> list[dict[str, Any]] | None:
     """A model's cached score rows, or None when there are none or they are stale: scored with other samplers (e.g.
-    before the model's guidance scale changed) or before the run last finished (retrained since)."""
+    before the model's guidance scale changed), before the run last finished (retrained since), or, for the teacher
+    (`weights`: its weights' digest), with other teacher weights or none recorded."""
     if not cache.is_file():
         return None
     found = json.loads(cache.read_text())
@@ -97,6 +105,11 @@ def cached_rows(cache: Path, samplers: list[dict[str, Any]], done: Path | None =
     if done is not None and done.is_file() and done.stat().st_mtime > cache.stat().st_mtime:
         print(f"[{time.strftime('%H:%M:%S')}] {cache.name}: the run finished after it was scored; scoring again",
               flush=True)
+        return None
+    record = weights_record(cache)
+    if weights is not None and (not record.is_file() or record.read_text().strip() != weights):
+        print(f"[{time.strftime('%H:%M:%S')}] {cache.name}: scored with other teacher weights (or none recorded); "
+              "scoring again", flush=True)
         return None
     return found
 
@@ -114,7 +127,8 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
         for r in runs if r.samplers and (is_done(out, r.name) or is_carried(out, r.name))]
     for k, (name, family, seed, path, samplers) in enumerate(todo, 1):
         cache = score_file(out, name)
-        found = cached_rows(cache, samplers, None if path is None else run_dir(out, name) / "done.json")
+        weights = weights_digest(str(cfg.model.pretrained)) if name == "teacher" else None
+        found = cached_rows(cache, samplers, None if path is None else run_dir(out, name) / "done.json", weights)
         if found is None and name != "teacher" and path is None:  # carried, scored with other samplers
             print(f"[{time.strftime('%H:%M:%S')}] {name}: left out (its cached scores are stale and its run is not "
                   f"here; delete {cache} to train it again)", flush=True)
@@ -130,6 +144,8 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
             found = score_model(path if path is not None else Path(cfg.model.pretrained), samplers, budget, cfg,
                                 reference)
             cache.write_text(json.dumps(found, indent=1))
+            if weights is not None:
+                weights_record(cache).write_text(weights + "\n")
         rows += [{"run": name, "family": family, "seed": seed, **r} for r in found]
     return rows
 
