@@ -80,6 +80,28 @@ def test_meanflow_target_and_adaptive_loss():
     torch.testing.assert_close(pred.grad, expected.detach())
 
 
+def test_adaptive_loss_weights_move_the_error_between_elements_at_the_same_scale():
+    """A per-element weight, rescaled to mean 1 per sample: uniform weights change nothing, scaling them changes
+    nothing, and zero weight drops an element (the toy's shape weight in Stage 1)."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 2, 2, 2, 2, generator=g), torch.randn(3, 2, 2, 2, 2, generator=g)
+    plain, e_plain = adaptive_loss(pred, target, c=2.0)
+    for uniform in (torch.ones(3, 1, 2, 2, 2), torch.full((3, 2, 2, 2, 2), 7.0)):
+        loss, e = adaptive_loss(pred, target, 2.0, uniform)
+        torch.testing.assert_close(loss, plain)
+        torch.testing.assert_close(e, e_plain)
+    weight = torch.rand(3, 2, 2, 2, 2, generator=g)
+    weight[:, :, 0] = 0.0
+    loss, e = adaptive_loss(pred, target, 2.0, weight)
+    n = weight[0].numel()
+    expected = ((pred - target).pow(2) * weight).flatten(1).sum(1) * n / weight.flatten(1).sum(1)
+    torch.testing.assert_close(e, expected)
+    torch.testing.assert_close(loss, (expected / (expected + 2.0)).mean())
+    moved = pred.clone()
+    moved[:, :, 0] += 5.0  # error only where the weight is zero
+    torch.testing.assert_close(adaptive_loss(moved, target, 2.0, weight)[1], e)
+
+
 @pytest.fixture
 def float64_wan(monkeypatch):
     """Wan's blocks cast to float32 (`.float()`) on purpose; for a float64 check those casts keep float64."""

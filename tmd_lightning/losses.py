@@ -68,9 +68,17 @@ def meanflow_target(v_tilde: torch.Tensor, du_ds: torch.Tensor | None, s: torch.
     return v_tilde - _rows(s - r).to(du_ds) * du_ds
 
 
-def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mean(e / sg(e + c))` with `e = ‖pred - target‖²` per sample (sum over elements); returns (loss, e)."""
-    e = (_wide(pred) - _wide(target)).pow(2).flatten(1).sum(1)
+def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, c: float,
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean(e / sg(e + c))` with `e = ‖pred - target‖²` per sample (sum over elements); returns (loss, e).
+
+    With a per-element `weight` (broadcast to `pred`), e is the weighted sum with the weights rescaled to mean 1 per
+    sample, so a weight moves the loss between elements without changing its scale against `c`."""
+    err = (_wide(pred) - _wide(target)).pow(2)
+    if weight is not None:
+        w = weight.to(err).expand_as(err).flatten(1)
+        err = err.flatten(1) * w / w.mean(1, keepdim=True)
+    e = err.flatten(1).sum(1)
     return (e / (e.detach() + c)).mean(), e.detach()
 
 

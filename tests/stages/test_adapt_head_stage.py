@@ -247,3 +247,34 @@ def test_a_batch_without_samples_is_skipped(text_encoder):
     empty = {"video": torch.empty(0, dtype=torch.uint8), "caption": []}
     assert stage.training_step(empty, 0) is None
     assert stage.validation_step(empty, 0) is None
+
+
+def test_foreground_weight_weights_the_error_on_the_shape(text_encoder):
+    """stage.foreground_weight: the TM-MF error counts `1 + w` on the shape and its ring (the teacher's mask), with
+    the same draws as the unweighted loss; a codec the mask cannot be laid out in is refused at construction."""
+    from tmd_lightning.stages.foreground import foreground_weights
+
+    video = torch.full((4, 9, 16, 16, 3), 40, dtype=torch.uint8)
+    video[:, :, 4:9, 5:10] = 220  # a square on a flat background
+    batch = {"video": video, "caption": all_captions()[:4]}
+    stage = _stage(text_encoder, foreground_weight=8.0)
+    x, text = stage.encode_batch(batch)
+    weight = foreground_weights(batch, stage.codec, 8.0)
+    assert weight.shape == x.shape and set(weight.unique().tolist()) == {1.0, 9.0}
+    seen = {}
+    original = stage.tm_meanflow_loss
+
+    def spy(x, text, generator=None, weight=None):
+        seen["weight"] = weight
+        return original(x, text, torch.Generator().manual_seed(3), weight)
+
+    stage.tm_meanflow_loss = spy
+    weighted = stage.training_step(batch, 0)
+    torch.testing.assert_close(seen["weight"], weight)
+    plain, _ = original(x, text, torch.Generator().manual_seed(3))
+    again, _ = original(x, text, torch.Generator().manual_seed(3), weight)
+    torch.testing.assert_close(weighted, again)
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(ValueError, match="pixel codec"):
+        AdaptHeadStage(TMDTransformer.from_teacher(WanTransformer3DModel(**TINY), head_blocks=1), object(),
+                       text_encoder, optimizer=None, foreground_weight=8.0)

@@ -305,3 +305,29 @@ def test_a_batch_without_samples_is_skipped(text_encoder, kind):
     stage.ema_update_due = True
     assert stage.training_step({"video": torch.empty(0, dtype=torch.uint8), "caption": []}, 0) is None
     assert stage.iteration == 0 and not stage.ema_update_due
+
+
+def test_foreground_weight_weights_the_fake_score_loss_on_the_student_samples(text_encoder, monkeypatch, tmp_path):
+    """stage.foreground_weight: the fake score's flow-matching loss counts `1 + w` on the shape of each decoded
+    student sample and its ring (the teacher's mask); 0 keeps the plain loss; the pixel codec is required."""
+    import tmd_lightning.stages.distill as distill
+    from tmd_lightning.stages.foreground import foreground_mask
+
+    stage = _stage(text_encoder, foreground_weight=4.0)
+    video = torch.full((2, 9, 16, 16, 3), 40, dtype=torch.uint8)
+    video[:, :, 4:9, 5:10] = 220
+    weight = stage.sample_weights(stage.codec.encode(video))
+    mask = stage.codec.encode(foreground_mask(video).to(torch.uint8).mul(255).expand_as(video)) > 0
+    assert torch.equal(weight, 1 + 4.0 * mask.float()) and mask.any() and not mask.all()
+    seen = []
+    original = distill.flow_matching_loss
+    monkeypatch.setattr(distill, "flow_matching_loss", lambda *a: seen.append(a[3:]) or original(*a))
+    for stage_ in (stage, _stage(text_encoder)):
+        stage_.iteration, stage_.hparams.max_iterations = 1, 2  # one critic iteration
+        _trainer(tmp_path).fit(stage_, train_dataloaders=_loader(2))
+    (weighted,), (plain,) = seen
+    assert weighted.shape == (2, 48, 9, 4, 4) and set(weighted.unique().tolist()) <= {1.0, 5.0}
+    assert plain is None
+    with pytest.raises(ValueError, match="pixel codec"):
+        TMDDistillStage(TMDTransformer.from_teacher(_teacher(), head_blocks=1), _teacher(), object(), text_encoder,
+                        optimizer=None, discriminator=None, use_gan=False, foreground_weight=1.0)

@@ -227,7 +227,7 @@ def test_foreground_mask_is_the_shape_grown_by_one_pixel():
     from scipy.ndimage import binary_dilation
 
     from tmd_lightning.data.toy_world import ToyVideoSpec
-    from tmd_lightning.stages.teacher import foreground_mask
+    from tmd_lightning.stages.foreground import foreground_mask
 
     specs = [ToyVideoSpec("red", "circle", "right", 0.35, 0.3, 0.3, 0.5),
              ToyVideoSpec("blue", "square", "up", 0.3, 0.25, 0.6, 0.6)]
@@ -245,7 +245,7 @@ def test_foreground_mask_is_the_shape_grown_by_one_pixel():
 
 def test_foreground_weight_weights_the_loss_on_the_shape(text_encoder):
     from tmd_lightning.data.toy_world import ToyVideoSpec
-    from tmd_lightning.stages.teacher import foreground_mask
+    from tmd_lightning.stages.foreground import foreground_mask
 
     stage = _stage(text_encoder, foreground_weight=8.0)
     spec = ToyVideoSpec("green", "triangle", "left", 0.4, 0.3, 0.7, 0.5)

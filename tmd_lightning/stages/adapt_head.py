@@ -15,6 +15,7 @@ from tmd_lightning.models.wan_parts import compute_dtype
 from tmd_lightning.runtime.parallel import rows_to_run
 from tmd_lightning.sampling import TMDSampler
 from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.foreground import check_foreground_codec, foreground_weights
 
 
 class AdaptHeadStage(VideoStage):
@@ -41,6 +42,8 @@ class AdaptHeadStage(VideoStage):
         loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
         plain_tm: ablation, always r = s (transition matching without the flow map).
         activation_checkpointing: one activation checkpoint per Wan block of the student (memory for compute).
+        foreground_weight: w of the toy's shape weight `1 + w * mask` on the per-element error (the teacher's, in
+            `stages/foreground.py`); 0 = unweighted (the paper). Needs the pixel codec and decoded videos.
         global_batch: videos per optimizer step over all GPUs (recorded only: `tmd_lightning.fit` turns it into
             Lightning's `accumulate_grad_batches`).
     """
@@ -70,8 +73,10 @@ class AdaptHeadStage(VideoStage):
         loss_c: float = 1.0,
         plain_tm: bool = False,
         activation_checkpointing: bool = False,
+        foreground_weight: float = 0.0,
         global_batch: int | None = None,
     ) -> None:
+        check_foreground_codec(foreground_weight, codec)
         super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["student", "codec", "text_encoder"], logger=False)
         self.student = student
@@ -92,9 +97,10 @@ class AdaptHeadStage(VideoStage):
         wan = self.student.wan
         return [self.student, *wan.blocks[len(wan.blocks) - self.student.head_blocks:]]
 
-    def tm_meanflow_loss(self, x: torch.Tensor, text: torch.Tensor,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The TM-MF loss of one batch of latents `x` and text embeddings; `generator` makes it deterministic."""
+    def tm_meanflow_loss(self, x: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None,
+                         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The TM-MF loss of one batch of latents `x` and text embeddings; `generator` makes it deterministic;
+        `weight`: optional per-latent error weights (the toy's shape weight)."""
         h, student = self.hparams, self.student
         b, device = x.shape[0], x.device
 
@@ -150,7 +156,7 @@ class AdaptHeadStage(VideoStage):
         # 6. adaptive loss on u_θ(y_s, s, r)
         u = student.average_velocity(y_s, s, r, m, y1)
         d = x[0].numel()
-        loss, e = adaptive_loss(u, target, h.loss_c * d)
+        loss, e = adaptive_loss(u, target, h.loss_c * d, weight)
         mse = e / d
         stats = {"mse": mse.mean(), "frac_flow_map": flow_map_rows.float().mean()}
         if flow_map_rows.any():
@@ -163,7 +169,9 @@ class AdaptHeadStage(VideoStage):
         if self.skip_empty_batch(batch):
             return self.skipped_step()
         x, text = self.encode_batch(batch)
-        loss, stats = self.tm_meanflow_loss(x, text)
+        weight = foreground_weights(batch, self.codec, self.hparams.foreground_weight) \
+            if self.hparams.foreground_weight > 0 else None
+        loss, stats = self.tm_meanflow_loss(x, text, weight=weight)
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=x.shape[0])
         return loss

@@ -50,6 +50,7 @@ from tmd_lightning.runtime.finite import agreed, all_finite, non_finite_error
 from tmd_lightning.runtime.rng import gather_rng_states, restore_rng, rng_state
 from tmd_lightning.sampling import FewStepSampler, TMDSampler, cfg_velocity
 from tmd_lightning.stages.base import VideoStage
+from tmd_lightning.stages.foreground import check_foreground_codec, foreground_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class DistillStage(VideoStage):
             during its calls: teacher and discriminator features see the plain teacher); with `student` the student's
             Wan blocks train as an adapter on its own frozen base, exported merged.
         activation_checkpointing: one activation checkpoint per Wan block (student, fake score, teacher features).
+        foreground_weight: w of the toy's shape weight `1 + w * mask` (`stages/foreground.py`, the teacher's) on the
+            fake score's flow-matching loss, the mask drawn from each decoded student sample; 0 = the paper. The
+            fake score must see where the student's shapes differ from the teacher's for the VSD gradient to
+            carry it, and on the 16 x 16 toy that is a few corner pixels. Needs the pixel codec.
         global_batch: samples per update over all ranks and micro-steps (None: one batch per update, no
             accumulation). Must be a multiple of world size x the batch size (checked at the first step); the
             micro-steps of an update all take the TTUR phase of that update. A checkpoint saved mid-accumulation
@@ -94,7 +99,9 @@ class DistillStage(VideoStage):
                  gan_weight: float = 0.03, use_gan: bool = True, student_every: int = 5,
                  vsd_reduction: str = "mean", grad_clip: float | None = None, teacher_dtype: str = "bfloat16",
                  max_iterations: int | None = None, lora: dict[str, Any] | None = None,
-                 activation_checkpointing: bool = False, global_batch: int | None = None) -> None:
+                 activation_checkpointing: bool = False, global_batch: int | None = None,
+                 foreground_weight: float = 0.0) -> None:
+        check_foreground_codec(foreground_weight, codec)
         super().__init__(codec, text_encoder, negative_prompt)
         if global_batch is not None and global_batch < 1:
             raise ValueError(f"global_batch must be a positive number of samples or None, got {global_batch}")
@@ -188,6 +195,11 @@ class DistillStage(VideoStage):
         t = self.outer_grid[torch.randint(1, M + 1, (b,), device=x.device)]
         eps = torch.randn_like(x)
         return self.student_x0(interpolate(x, eps, t), t, eps, text)
+
+    def sample_weights(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """The toy's shape weights of the student's samples, from their decoded pixels (no gradient)."""
+        with torch.no_grad():
+            return foreground_weights({"video": self.codec.decode(x_hat)}, self.codec, self.hparams.foreground_weight)
 
     def dmd_time(self, b: int) -> torch.Tensor:
         h = self.hparams
@@ -370,7 +382,8 @@ class DistillStage(VideoStage):
         t = self.dmd_time(b)
         eps = torch.randn_like(x_hat)
         x_hat_t = interpolate(x_hat, eps, t)
-        loss_fake = flow_matching_loss(self.wan_velocity(self.fake_score, x_hat_t, t, text), x_hat, eps)
+        weight = self.sample_weights(x_hat) if self.hparams.foreground_weight > 0 else None
+        loss_fake = flow_matching_loss(self.wan_velocity(self.fake_score, x_hat_t, t, text), x_hat, eps, weight)
         self.ensure_finite("loss_fake_score", loss_fake)
         stats = {"loss_fake_score": loss_fake.detach()}
         loss = loss_fake

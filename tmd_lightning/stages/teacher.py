@@ -10,23 +10,10 @@ from torch import nn
 
 from tmd_lightning.flow import interpolate, shift
 from tmd_lightning.losses import flow_matching_loss
-from tmd_lightning.models import PixelCodec
 from tmd_lightning.models.wan_parts import wan_velocity
 from tmd_lightning.sampling import TeacherSampler
 from tmd_lightning.stages.base import VideoStage
-
-
-def foreground_mask(videos: torch.Tensor, threshold: float = 8.0, ring: int = 1) -> torch.Tensor:
-    """(B, F, H, W, 3) uint8 videos -> (B, F, H, W, 1) bool: pixels whose colour differs from the clip's background
-    (the per-channel median over the clip, as the shape covers far less than half of it) by more than `threshold`
-    levels in any channel, grown by `ring` pixels so that the background just around a shape, where a square and a
-    circle differ, counts as well."""
-    v = videos.float()
-    background = v.flatten(1, 3).median(dim=1).values[:, None, None, None, :]
-    mask = ((v - background).abs() > threshold).any(dim=-1).float()[:, None]  # (B, 1, F, H, W)
-    size = 2 * ring + 1
-    grown = torch.nn.functional.max_pool3d(mask, (1, size, size), stride=1, padding=(0, ring, ring))
-    return grown[:, 0, ..., None] > 0
+from tmd_lightning.stages.foreground import check_foreground_codec, foreground_weights
 
 
 class TeacherStage(VideoStage):
@@ -40,8 +27,7 @@ class TeacherStage(VideoStage):
         sampler: defaults for `generate` (steps, cfg, gamma, solver).
         activation_checkpointing: one activation checkpoint per Wan block (memory for compute).
         foreground_weight: w of the toy teacher's loss weight `1 + w * mask` on the pixels of the moving shape and
-            the one-pixel ring around it (`foreground_mask`); 0 = the plain flow-matching loss. Why: on the 16 x 16
-            toy a square and a circle differ in a few corner pixels, a tiny share of the loss, and CFG-5 samples of
+            the one-pixel ring around it (`stages/foreground.py`); 0 = the plain flow-matching loss. CFG-5 samples of
             an unweighted teacher drew blurred, speckled squares that read as circles. Needs the pixel codec.
     """
 
@@ -61,9 +47,7 @@ class TeacherStage(VideoStage):
         activation_checkpointing: bool = False,
         foreground_weight: float = 0.0,
     ) -> None:
-        if foreground_weight > 0 and not isinstance(codec, PixelCodec):
-            raise ValueError(f"stage.foreground_weight={foreground_weight} needs the toy's pixel codec (the mask is "
-                             f"drawn in pixels and laid out as its latents), got {type(codec).__name__}; set it to 0")
+        check_foreground_codec(foreground_weight, codec)
         super().__init__(codec, text_encoder, negative_prompt)
         self.save_hyperparameters(ignore=["transformer", "codec", "text_encoder"], logger=False)
         self.transformer = transformer
@@ -92,13 +76,8 @@ class TeacherStage(VideoStage):
         return loss
 
     def foreground_weights(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Per-latent loss weights `1 + foreground_weight * mask` of the batch's videos (see `foreground_mask`)."""
-        if "video" not in batch:
-            raise ValueError("stage.foreground_weight needs decoded videos in the batch (data=toy / manifest), "
-                             "not cached latents; set it to 0 with data=cache")
-        mask = foreground_mask(batch["video"])
-        latent_mask = self.codec.encode(mask.to(torch.uint8).mul(255).expand_as(batch["video"])) > 0
-        return 1 + self.hparams.foreground_weight * latent_mask.float()
+        """Per-latent loss weights `1 + foreground_weight * mask` of the batch's videos (`stages/foreground.py`)."""
+        return foreground_weights(batch, self.codec, self.hparams.foreground_weight)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Flow-matching loss at fixed t values (seeded), so validation curves are comparable across steps."""
