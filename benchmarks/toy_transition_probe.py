@@ -32,8 +32,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.toy_shape_probe import real_videos  # noqa: E402
 from tmd_lightning.checkpoints import load_checkpoint_stage, load_pretrained_stage  # noqa: E402
-from tmd_lightning.data.toy_world import all_captions, parse_caption, random_spec, render  # noqa: E402
+from tmd_lightning.data.toy_world import SHAPES, parse_caption  # noqa: E402
 from tmd_lightning.flow import interpolate, shift  # noqa: E402
 from tmd_lightning.metrics.toy import classify  # noqa: E402
 from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder  # noqa: E402
@@ -67,9 +68,8 @@ def main() -> None:
     teacher = teacher_stage.network
     outer, inner = student_grids(args.M, args.N, gamma)
     t1 = float(outer[1])
-    rng = np.random.default_rng(1)
-    captions = [c for c in all_captions() for _ in range(args.per_caption)]
-    videos = torch.from_numpy(np.stack([render(random_spec(rng, **parse_caption(c))) for c in captions]))
+    videos, captions = real_videos(SHAPES, args.per_caption, seed=1)
+    torch.manual_seed(0)  # the full sampler draws its inner noise from the global generator
     b = len(captions)
     print(f"student: {args.student} (M={args.M}, N={args.N}, grid shift {gamma:g}: t_1 = {t1:.3f}); "
           f"{b} real videos noised to t_1\n")
