@@ -11,7 +11,11 @@ time t_1 (its grid: M, gamma) and taken to t = 0 by
    flow head is meant to draw;
 2. the student's last outer step (its flow head, N inner steps), twice with different inner noise y1: how much the
    head's output depends on y1 (a head that only predicts the mean ignores it);
-3. the student's full M-step sampler from noise, for reference.
+3. the student's full M-step sampler from noise, for reference;
+4. the flow head alone: its error against the true inner target y = eps - x from the inner sample
+   y_s = (1 - s) y + s y1 at r = s, with the caption and with the negative prompt. At small s, y_s is y plus a
+   little noise: a head that reads its inner sample reaches an error near 0 there, one that ignores it stays at
+   the posterior mean's error (the s = 0.999 row).
 
 Shape is the attribute the toy's students lose (colour and direction are 1.000), so the table reports the toy
 classifier's shape accuracy. A student whose last step scores like the teacher's 1-step row has learned the mean
@@ -42,6 +46,7 @@ from tmd_lightning.models.wan_parts import wan_velocity  # noqa: E402
 from tmd_lightning.sampling import cfg_velocity, euler_sample, student_grids, tmd_sample  # noqa: E402
 
 TEACHER_STEPS = (1, 2, 4, 25)
+INNER_TIMES = (0.999, 0.75, 0.5, 0.25, 0.05)
 
 
 def shape_accuracy(videos: torch.Tensor, captions: list[str]) -> float:
@@ -78,7 +83,8 @@ def main() -> None:
     with torch.inference_mode():
         x, text = codec.encode(videos).float(), text_encoder(captions).float()
         neg = teacher_stage.negative_embedding(b)
-        x_t1 = interpolate(x, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), torch.full((b,), t1))
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        x_t1 = interpolate(x, eps, torch.full((b,), t1))
         for cfg in (1.0, float(model_cfg.guidance_scale)):
             velocity = cfg_velocity(lambda a, s, c: wan_velocity(teacher, a, s, c), text, neg, cfg)
             for k in TEACHER_STEPS:
@@ -98,6 +104,16 @@ def main() -> None:
         spread = float((steps[0] - steps[1]).abs().mean())
         print(f"\nThe student's last step with two inner noises y1: mean |difference| {spread:.4f} per latent element "
               f"(data mean |x| {float(x.abs().mean()):.4f}).")
+        y = eps - x  # the inner target of x_t1's transition
+        m_neg = student.backbone(x_t1, tt, neg)
+        print("\n| inner time s | mse(head, y), caption | mse(head, y), negative prompt |\n|---:|---:|---:|")
+        for s_value in INNER_TIMES:
+            s = torch.full((b,), s_value)
+            y_s = interpolate(y, torch.randn(x.shape, generator=gen), s)
+            errors = [float((student.head(y_s, s, s, feats) - y).pow(2).mean()) for feats in (m, m_neg)]
+            print(f"| {s_value:g} | {errors[0]:.4f} | {errors[1]:.4f} |")
+        errors = [float((wan_velocity(teacher, x_t1, tt, c) - y).pow(2).mean()) for c in (text, neg)]
+        print(f"| teacher v(x_t1) (the head at init, at s = t) | {errors[0]:.4f} | {errors[1]:.4f} |")
 
 
 if __name__ == "__main__":

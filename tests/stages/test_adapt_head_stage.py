@@ -278,3 +278,20 @@ def test_foreground_weight_weights_the_error_on_the_shape(text_encoder):
     with pytest.raises(ValueError, match="pixel codec"):
         AdaptHeadStage(TMDTransformer.from_teacher(WanTransformer3DModel(**TINY), head_blocks=1), object(),
                        text_encoder, optimizer=None, foreground_weight=8.0)
+
+
+def test_new_parts_get_their_own_learning_rate(text_encoder):
+    """stage.new_parts_lr_scale: the Δ-embedder and the inner fusion (absent from the teacher, zero at init) form a
+    second group at lr × scale, every other trainable parameter stays at lr, none is left out or counted twice;
+    scale 1 keeps one group."""
+    stage = _stage(text_encoder)
+    assert len(stage.configure_optimizers()["optimizer"].param_groups) == 1
+    stage = _stage(text_encoder, new_parts_lr_scale=10.0)
+    groups = stage.configure_optimizers()["optimizer"].param_groups
+    assert [g["lr"] for g in groups] == [pytest.approx(2e-3), pytest.approx(2e-2)]
+    new = {id(p) for p in [*stage.student.delta_embedder.parameters(), *stage.student.inner_fusion.parameters()]}
+    assert {id(p) for p in groups[1]["params"]} == new
+    assert {id(p) for p in groups[0]["params"]} | new == {id(p) for p in stage.student.parameters()}
+    assert not new & {id(p) for p in groups[0]["params"]}
+    with pytest.raises(ValueError, match="new_parts_lr_scale"):
+        _stage(text_encoder, new_parts_lr_scale=0.0)

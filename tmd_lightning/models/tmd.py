@@ -203,6 +203,10 @@ class TMDTransformer(ModelMixin, ConfigMixin):
     def inner_dim(self) -> int:
         return self.wan.config.num_attention_heads * self.wan.config.attention_head_dim
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The parameters the teacher does not have: the Δ-embedder's and the inner fusion's."""
+        return [*self.delta_embedder.parameters(), *self.inner_fusion.parameters()]
+
     @property
     def num_layers(self) -> int:
         """L, the teacher's block count."""

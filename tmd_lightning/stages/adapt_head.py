@@ -42,6 +42,8 @@ class AdaptHeadStage(VideoStage):
         loss_c: c of the adaptive loss per element, c = loss_c · d (1 for Wan 1.3B, 1e-5 for 14B).
         plain_tm: ablation, always r = s (transition matching without the flow map).
         activation_checkpointing: one activation checkpoint per Wan block of the student (memory for compute).
+        new_parts_lr_scale: learning rate of the parts the teacher does not have (Δ-embedder, inner fusion; they start
+            at zero) as a multiple of the optimizer's; 1 = one rate for all (the paper).
         foreground_weight: w of the toy's shape weight `1 + w * mask` on the per-element error (the teacher's, in
             `stages/foreground.py`); 0 = unweighted (the paper). Needs the pixel codec and decoded videos.
         global_batch: videos per optimizer step over all GPUs (recorded only: `tmd_lightning.fit` turns it into
@@ -74,6 +76,7 @@ class AdaptHeadStage(VideoStage):
         plain_tm: bool = False,
         activation_checkpointing: bool = False,
         foreground_weight: float = 0.0,
+        new_parts_lr_scale: float = 1.0,
         global_batch: int | None = None,
     ) -> None:
         check_foreground_codec(foreground_weight, codec)
@@ -87,6 +90,22 @@ class AdaptHeadStage(VideoStage):
         self.activation_checkpointing = activation_checkpointing
         if not 0.0 < fd_delta < 0.5:
             raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
+        if new_parts_lr_scale <= 0:
+            raise ValueError(f"new_parts_lr_scale must be > 0, got {new_parts_lr_scale}")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The student's trainable parameters; the new parts in a group of their own when `new_parts_lr_scale` != 1
+        (the group's lr is the optimizer's times the scale, so schedulers scale both alike)."""
+        scale = self.hparams.new_parts_lr_scale
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        if scale == 1.0:
+            return [{"params": trainable}]
+        new = {id(p) for p in self.student.new_parameters()}
+        base_lr = self.hparams.optimizer.keywords.get("lr")
+        if base_lr is None:
+            raise ValueError("new_parts_lr_scale needs the optimizer's lr in its config (optimizer.lr)")
+        return [{"params": [p for p in trainable if id(p) not in new]},
+                {"params": [p for p in trainable if id(p) in new], "lr": base_lr * scale}]
 
     def full_precision_modules(self) -> list[nn.Module]:
         """With `fd_full_precision` the finite-difference head passes run with autocast off in the weights' dtype:

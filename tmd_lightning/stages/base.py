@@ -160,11 +160,16 @@ class VideoStage(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """`hparams.optimizer` (a partial) over the network's trainable parameters, with an optional per-step
         `hparams.scheduler`."""
-        optimizer = self.hparams.optimizer(params=[p for p in self.network.parameters() if p.requires_grad])
+        optimizer = self.hparams.optimizer(params=self.parameter_groups())
         if self.hparams.get("scheduler") is None:
             return {"optimizer": optimizer}
         scheduler = self.hparams.scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one, the network's trainable parameters (stages override it to give
+        some parameters another learning rate)."""
+        return [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
 
     def export_pretrained(self, path: str) -> bool:
         """Saves the network as a diffusers folder (`from_pretrained` loads it) with its sampler's record
