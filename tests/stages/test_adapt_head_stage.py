@@ -295,3 +295,5 @@ def test_new_parts_get_their_own_learning_rate(text_encoder):
     assert not new & {id(p) for p in groups[0]["params"]}
     with pytest.raises(ValueError, match="new_parts_lr_scale"):
         _stage(text_encoder, new_parts_lr_scale=0.0)
+    with pytest.raises(ValueError, match="optimizer.lr"):  # at construction, not when training starts
+        _stage(text_encoder, new_parts_lr_scale=10.0, optimizer=partial(torch.optim.SGD))

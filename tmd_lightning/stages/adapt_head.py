@@ -92,6 +92,8 @@ class AdaptHeadStage(VideoStage):
             raise ValueError(f"fd_delta must be in (0, 0.5), got {fd_delta}")
         if new_parts_lr_scale <= 0:
             raise ValueError(f"new_parts_lr_scale must be > 0, got {new_parts_lr_scale}")
+        if new_parts_lr_scale != 1.0 and optimizer is not None and "lr" not in optimizer.keywords:
+            raise ValueError("new_parts_lr_scale needs the optimizer's lr in its config (optimizer.lr)")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The student's trainable parameters; the new parts in a group of their own when `new_parts_lr_scale` != 1
@@ -101,9 +103,7 @@ class AdaptHeadStage(VideoStage):
         if scale == 1.0:
             return [{"params": trainable}]
         new = {id(p) for p in self.student.new_parameters()}
-        base_lr = self.hparams.optimizer.keywords.get("lr")
-        if base_lr is None:
-            raise ValueError("new_parts_lr_scale needs the optimizer's lr in its config (optimizer.lr)")
+        base_lr = self.hparams.optimizer.keywords["lr"]
         return [{"params": [p for p in trainable if id(p) not in new]},
                 {"params": [p for p in trainable if id(p) in new], "lr": base_lr * scale}]
 
