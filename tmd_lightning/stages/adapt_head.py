@@ -99,9 +99,9 @@ class AdaptHeadStage(VideoStage):
         """The student's trainable parameters; the new parts in a group of their own when `new_parts_lr_scale` != 1
         (the group's lr is the optimizer's times the scale, so schedulers scale both alike)."""
         scale = self.hparams.new_parts_lr_scale
-        trainable = [p for p in self.student.parameters() if p.requires_grad]
         if scale == 1.0:
-            return [{"params": trainable}]
+            return super().parameter_groups()
+        trainable = super().parameter_groups()[0]["params"]
         new = {id(p) for p in self.student.new_parameters()}
         base_lr = self.hparams.optimizer.keywords["lr"]
         return [{"params": [p for p in trainable if id(p) not in new]},
