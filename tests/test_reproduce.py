@@ -12,8 +12,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.reproduce import main
@@ -21,7 +23,7 @@ from tmd_lightning.study import runs as study
 from tmd_lightning.study.recipes import retire_stale, run_recipe
 from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
-from tmd_lightning.study.scores import cached_rows, weights_record
+from tmd_lightning.study.scores import cached_rows, grid_prompts, read_samples, weights_record
 
 register_resolvers()
 
@@ -206,6 +208,19 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     log_text = (out / "runs" / "tmd_s0" / "config.yaml").read_text()
     assert str(out / "runs" / "s1_tmmf_s0" / "checkpoints" / "last.ckpt") in log_text
     scores = json.loads((out / "scores" / "tmd_s0.json").read_text())
+    # the sample grid: every scored model's samplers on the grid prompts, one row each, in the report
+    for name in ("teacher", "s1_tmmf_s0", "tmd_s0"):
+        prompts, seed, samples = read_samples(study.samples_file(out, name))
+        assert prompts == grid_prompts() and seed == QUICK.eval_seeds[0]
+        assert [label for label, _ in samples] == [r["sampler"] for r in rows if r["run"] == name]
+        for _, videos in samples:
+            assert videos.dtype == np.uint8 and videos.shape == (len(prompts), 9, 16, 16, 3)
+    teacher_samples = dict(read_samples(study.samples_file(out, "teacher"))[2])
+    assert not np.array_equal(teacher_samples["Euler 20 x CFG 2"], teacher_samples["Euler 1 x CFG 2"])
+    assert "## Samples" in report and "one row per model and sampler" in report
+    with Image.open(out / "samples.gif") as gif:  # teacher 5 rows, TMD 4 (Stage 1 alone is an ablation)
+        assert gif.n_frames == 9 and gif.height > 9 * 64
+    assert Image.open(out / "samples.png").size == Image.open(out / "samples.gif").size
     capsys.readouterr()
     main(argv)  # everything done: no run restarts, no model is scored again
     printed = capsys.readouterr().out
@@ -224,6 +239,17 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     assert {r["run"] for r in csv.DictReader((out / "results.csv").open())} == {"teacher", "s1_tmmf_s0", "tmd_s0"}
     again = (out / "REPORT.md").read_text()
     assert "- TMD: joint" in again and "| tmd_s0 |" in again  # the curve and the training time kept beside the scores
+    assert "## Samples" in again  # the grid's videos kept beside the scores
+
+
+def test_grid_prompts_cover_the_grammar_evenly():
+    from tmd_lightning.data.toy_world import COLOURS, DIRECTIONS, SHAPES, all_captions
+
+    prompts = grid_prompts()
+    assert len(set(prompts)) == 8 and set(prompts) <= set(all_captions())
+    for words, each in ((COLOURS, 2), (DIRECTIONS, 2)):
+        assert all(sum(p.split()[1] == w or p.split()[-1] == w for p in prompts) == each for w in words)
+    assert {p.split()[2] for p in prompts} == set(SHAPES)
 
 
 def test_carried_runs_train_again_only_when_a_run_needs_their_checkpoint(tmp_path: Path):
@@ -291,6 +317,7 @@ def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
         (study.run_dir(tmp_path, r.name) / "done.json").write_text(json.dumps({"seconds": 60, "recipe": run_recipe(r)}))
         study.score_file(tmp_path, r.name).parent.mkdir(exist_ok=True)
         study.score_file(tmp_path, r.name).write_text("[]")
+    study.samples_file(tmp_path, "tmd_s0").write_bytes(b"")
     assert retire_stale(runs, tmp_path) == []  # recorded as trained: nothing to redo
     changed = [replace(r, overrides=(*r.overrides, "model.student_grid_gamma=10.0")) if r.name == "s1_tmmf_s0" else r
                for r in runs]
@@ -302,7 +329,8 @@ def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
     assert retire_stale(changed, tmp_path) == ["s1_tmmf_s0", "tmd_s0"]
     assert not study.run_dir(tmp_path, "s1_tmmf_s0").exists() and not study.score_file(tmp_path, "tmd_s0").exists()
     assert len(list((tmp_path / "runs" / ".stale").iterdir())) == 2
-    assert len(list((tmp_path / "scores" / ".stale").iterdir())) == 2
+    assert len(list((tmp_path / "scores" / ".stale").iterdir())) == 3  # two scores, tmd_s0's samples
+    assert not study.samples_file(tmp_path, "tmd_s0").exists()
     assert study.is_done(tmp_path, "s1_tm_s0") and study.score_file(tmp_path, "s1_tm_s0").is_file()
     (study.run_dir(tmp_path, "s1_tm_s0") / "done.json").write_text(json.dumps({"seconds": 60}))
     assert retire_stale(changed, tmp_path, set_aside=False) == ["s1_tm_s0"]

@@ -19,7 +19,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from tmd_lightning.study.runs import KEPT_RECORDS, RUNS, Run, kept_record, run_dir, run_record, score_file
+from tmd_lightning.study.runs import (
+    KEPT_RECORDS,
+    RUNS,
+    Run,
+    kept_record,
+    run_dir,
+    run_record,
+    samples_file,
+    score_file,
+)
 
 RECIPE_SECTIONS = ("model", "tmd", "stage", "data", "trainer", "seed")  # what a run's samples depend on
 KD_PAIRS_IGNORED = ("hydra", "paths", "output", "task_name")  # the kd_pairs entry: all but where it writes
@@ -113,7 +122,8 @@ def retire_stale(study: list[Run], out: Path, set_aside: bool = True) -> list[st
         if run_dir(out, run.name).exists():
             (out / "runs" / ".stale").mkdir(parents=True, exist_ok=True)
             shutil.move(run_dir(out, run.name), out / "runs" / ".stale" / f"{run.name}-{stamp}")
-        for kept in (score_file(out, run.name), *(kept_record(out, run.name, f) for f in KEPT_RECORDS)):
+        for kept in (score_file(out, run.name), samples_file(out, run.name),
+                     *(kept_record(out, run.name, f) for f in KEPT_RECORDS)):
             if kept.is_file():
                 (out / "scores" / ".stale").mkdir(parents=True, exist_ok=True)
                 shutil.move(kept, out / "scores" / ".stale" / f"{stamp}-{kept.name}")

@@ -13,7 +13,7 @@ from statistics import mean
 from typing import Any
 
 from tmd_lightning.evaluation.report import markdown_table, write_csv
-from tmd_lightning.study.runs import KD_FAMILY, STAGE2_EXPERIMENTS, Budget, Run, run_record
+from tmd_lightning.study.runs import KD_FAMILY, STAGE2_EXPERIMENTS, Budget, Run, run_record, samples_file
 
 # (key, header, format, higher is better)
 METRICS = [("acc_joint", "joint", "{:.3f}", True), ("acc_colour", "colour", "{:.3f}", True),
@@ -304,6 +304,52 @@ def curves_section(runs: list[Run], out: Path) -> list[str]:
             "flatten.", "", f"![training curves]({figure.name})", "", *map(curve_line, curves), ""]
 
 
+def sample_sources(families: list[str], runs: list[Run], out: Path) -> list[tuple[str, str]]:
+    """(row label prefix, run name) of the sample grid: the teacher, then per family its lowest training seed that
+    left samples."""
+    sources = [(TEACHER_REF, TEACHER_REF)] if samples_file(out, TEACHER_REF).is_file() else []
+    for family in families:
+        seeded = sorted((r for r in runs if r.family == family and samples_file(out, r.name).is_file()),
+                        key=lambda r: r.seed)
+        if family != TEACHER_REF and seeded:
+            sources.append((f"{family} (training seed {seeded[0].seed})", seeded[0].name))
+    return sources
+
+
+def samples_section(families: list[str], runs: list[Run], out: Path) -> list[str]:
+    """`samples.gif` (one row per model and sampler, one column per grid caption) and its middle frame
+    `samples.png`; nothing when no model left samples (`scores/<run>.samples.npz`)."""
+    from PIL import Image
+
+    from tmd_lightning.data.toy_world import FPS
+    from tmd_lightning.media import gif_grid
+    from tmd_lightning.study.scores import read_samples
+
+    labels, videos, prompts, seed = [], [], None, None
+    for prefix, name in sample_sources(families, runs, out):
+        mine, mine_seed, rows = read_samples(samples_file(out, name))
+        if prompts is None:
+            prompts, seed = mine, mine_seed
+        if (mine, mine_seed) != (prompts, seed):  # drawn for another grid: left out, and said so
+            print(f"samples of {name} are for other prompts or seeds; left out of the grid", flush=True)
+            continue
+        for label, v in rows:
+            labels.append(f"{prefix}, {label}")
+            videos += list(v)
+    if not videos:
+        for stale in ("samples.gif", "samples.png"):
+            (out / stale).unlink(missing_ok=True)
+        return []
+    gif = gif_grid(out / "samples.gif", videos, labels, prompts, fps=FPS, header_lines=3, label_width=240)
+    with Image.open(gif) as image:
+        image.seek(image.n_frames // 2)
+        image.convert("RGB").save(out / "samples.png")
+    return ["## Samples", "", "![sample grid, middle frame](samples.png)", "",
+            f"The middle frame of `samples.gif`: one row per model and sampler (the teacher and each model above at "
+            f"its lowest training seed), one column per caption, sampling seed {seed}. The videos are kept in "
+            "`scores/<run>.samples.npz`.", ""]
+
+
 def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
     """toy-FD and joint accuracy against effective NFE (log x), seed range as error bars; the teacher's 50x2 line."""
     import matplotlib
@@ -338,8 +384,8 @@ def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
 def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget: Budget, quick: bool,
                  seeds: list[int], command: str, wall_minutes: float | None = None,
                  train_minutes: dict[str, float] | None = None) -> Path:
-    """REPORT.md, results.csv, quality_vs_nfe.png and (when the runs left toy_eval.csv files) training_curves.png in
-    `out`; returns the report's path."""
+    """REPORT.md, results.csv, quality_vs_nfe.png, samples.gif/png (when models left samples) and (when the runs left
+    toy_eval.csv files) training_curves.png in `out`; returns the report's path."""
     cells = aggregate(rows)
     write_csv(rows, out / "results.csv")
     figure = plot(cells, out / "quality_vs_nfe.png")
@@ -375,8 +421,9 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
     lines += lora_section(cells, train_minutes or {}, runs)
     lines += kd_section(cells)
     lines += ["## Quality against cost: teacher, TMD, DMD2-v (and its KD warm-up)", "",
-              table(headline, ref_seconds), "", f"![quality against effective NFE]({figure.name})", "",
-              "## Ablations", "", table(ablations, ref_seconds), ""]
+              table(headline, ref_seconds), "", f"![quality against effective NFE]({figure.name})", ""]
+    lines += samples_section(list(dict.fromkeys(c.family for c in headline)), runs, out)
+    lines += ["## Ablations", "", table(ablations, ref_seconds), ""]
     lines += curves_section(runs, out)
     if train_minutes:
         total = sum(train_minutes.values())
@@ -385,9 +432,10 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
                   markdown_table(["run", "minutes"], [[k, f"{v:.1f}"] for k, v in train_minutes.items()], left=1), ""]
     lines += ["## Files", "", "- `results.csv`: every run x sampler with every metric (one row per training seed).",
               "- `scores/<run>.json`: the cached scores, with `scores/<run>.done.json` (training time) and "
-              "`scores/<run>.toy_eval.csv` (training curve) copied from the run's folder, so a later sitting on "
-              "another machine keeps them; `runs/<run>/` (not in git): each run's folder with its config, logs, "
-              "checkpoints and exported student.", ""]
+              "`scores/<run>.toy_eval.csv` (training curve) copied from the run's folder and "
+              "`scores/<run>.samples.npz` (the sample grid's videos), so a later sitting on another machine keeps "
+              "them; `runs/<run>/` (not in git): each run's folder with its config, logs, checkpoints and exported "
+              "student.", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
     return report

@@ -215,6 +215,11 @@ def kept_record(out: Path, name: str, file: str) -> Path:
     return out / "scores" / f"{name}.{file}"
 
 
+def samples_file(out: Path, name: str) -> Path:
+    """A model's few videos for the report's sample grid (`scores/<run>.samples.npz`, kept in git: a few KB)."""
+    return out / "scores" / f"{name}.samples.npz"
+
+
 def run_record(out: Path, name: str, file: str) -> Path:
     """A finished run's `done.json` or `toy_eval.csv`: from its folder, else the copy kept beside its scores
     (`kept_record`), so a carried run keeps its training time and curve."""

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tmd_lightning.evaluation.generate import generate_videos, load_model
@@ -23,6 +24,7 @@ from tmd_lightning.study.runs import (
     kept_record,
     project_root,
     run_dir,
+    samples_file,
     score_file,
     student_export,
 )
@@ -49,18 +51,60 @@ def quality(videos: torch.Tensor, captions: list[str], reference: ToyReference) 
             **mode_coverage(videos, captions, reference.videos, reference.captions)}
 
 
+def load_stage(path: Path, cfg: Any) -> Any:
+    """A model to sample (a student export or the teacher's folder) with the toy's codec and text encoder."""
+    from hydra.utils import instantiate
+
+    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
+    return load_model(path, codec, text_encoder, cfg.model.negative_prompt).eval()
+
+
+GRID_PROMPTS = 8  # columns of the report's sample grid
+
+
+def grid_prompts(count: int = GRID_PROMPTS) -> list[str]:
+    """The sample grid's captions: every colour, shape and direction about equally often, so a row shows at a glance
+    which of the three a model gets wrong."""
+    from tmd_lightning.data.toy_world import CAPTION_TEMPLATE, COLOURS, DIRECTIONS, SHAPES
+
+    colours, directions = list(COLOURS), list(DIRECTIONS)
+    return [CAPTION_TEMPLATE.format(colour=colours[k % len(colours)], shape=SHAPES[k % len(SHAPES)],
+                                    direction=directions[(k + k // len(colours)) % len(directions)])
+            for k in range(count)]
+
+
+def write_samples(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg: Any, target: Path) -> Path:
+    """The grid prompts' videos (first sampling seed) of every sampler of one model, for the report's sample grid:
+    `target` (.npz) holds `prompts`, `seed`, `labels` and the uint8 videos (prompts, frames, H, W, 3) per sampler as
+    `video_<k>` in the order of `labels`."""
+    stage = load_stage(path, cfg)
+    prompts, seed = grid_prompts(), budget.eval_seeds[0]
+    shape = (cfg.num_frames, cfg.height, cfg.width)
+    labels, videos = [], {}
+    for k, opts in enumerate(samplers):
+        videos[f"video_{k}"] = generate_videos(stage, [(p, seed) for p in prompts], shape, BATCH, **opts)[0].numpy()
+        labels.append(stage.sampler.with_options(**opts).label())
+    np.savez_compressed(target, prompts=np.array(prompts), seed=np.array(seed), labels=np.array(labels), **videos)
+    return target
+
+
+def read_samples(path: Path) -> tuple[list[str], int, list[tuple[str, np.ndarray]]]:
+    """`write_samples`' file as (prompts, seed, [(sampler label, videos)])."""
+    with np.load(path) as f:
+        labels = [str(x) for x in f["labels"]]
+        return ([str(x) for x in f["prompts"]], int(f["seed"]),
+                [(label, f[f"video_{k}"]) for k, label in enumerate(labels)])
+
+
 def score_model(path: Path, samplers: list[dict[str, Any]], budget: Budget, cfg: Any,
                 reference: ToyReference) -> list[dict[str, Any]]:
     """Samples one model with each sampler on the budget's prompts and seeds; scores and times it.
 
     Each sampler runs once untimed on one batch first, so the timing excludes one-off warm-up costs.
     """
-    from hydra.utils import instantiate
-
     from tmd_lightning.data.toy_world import all_captions
 
-    codec, text_encoder = instantiate(cfg.model.codec), instantiate(cfg.model.text_encoder)
-    stage = load_model(path, codec, text_encoder, cfg.model.negative_prompt).eval()
+    stage = load_stage(path, cfg)
     prompts = all_captions()[:: max(1, 48 // budget.eval_prompts)][: budget.eval_prompts]
     pairs = [(p, s) for p in prompts for s in budget.eval_seeds]
     shape = (cfg.num_frames, cfg.height, cfg.width)
@@ -146,6 +190,10 @@ def score(runs: list[Run], out: Path, budget: Budget) -> list[dict[str, Any]]:
             cache.write_text(json.dumps(found, indent=1))
             if weights is not None:
                 weights_record(cache).write_text(weights + "\n")
+            samples_file(out, name).unlink(missing_ok=True)  # drawn from the model these scores replace
+        model = path if path is not None else Path(cfg.model.pretrained) if name == "teacher" else None
+        if model is not None and not samples_file(out, name).is_file():
+            write_samples(model, samplers, budget, cfg, samples_file(out, name))
         rows += [{"run": name, "family": family, "seed": seed, **r} for r in found]
     return rows
 
