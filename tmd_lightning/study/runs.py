@@ -22,8 +22,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Budget:
     """Training and evaluation sizes of one study: the demo's budgets (`make demo`), by which the toy-eval curves of
-    the width-256 teacher's students have flattened (README, "Results on the toy"). About 9 hours on 2 CPU cores for
-    three seeds; it resumes, so it can run over several sittings."""
+    the width-256 teacher's students have flattened (README, "Results on the toy"). About 7.5 hours per seed on 2 CPU
+    cores (two runs at a time); it resumes, so it can run over several sittings."""
 
     stage1_steps: int = 500  # Stage 1 optimizer steps (batch 32), as the demo
     distill_iterations: int = 1500  # Stage 2 iterations (batch 16, 1 in 5 a student step), as the demo
