@@ -335,3 +335,17 @@ def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
     (study.run_dir(tmp_path, "s1_tm_s0") / "done.json").write_text(json.dumps({"seconds": 60}))
     assert retire_stale(changed, tmp_path, set_aside=False) == ["s1_tm_s0"]
     assert "s1_tm_s0: recipe changed (none recorded: trained before recipes were recorded)" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_resumes_instead_of_being_set_aside(tmp_path: Path):
+    """A run folder without `done.json` or scores is a run interrupted (or still training): it resumes, and is set
+    aside only when the run it starts from trains again."""
+    runs = [r for r in study_runs([0], QUICK) if r.name in ("s1_tmmf_s0", "tmd_s0")]
+    s1, tmd = (study.run_dir(tmp_path, r.name) for r in runs)
+    s1.mkdir(parents=True)
+    (s1 / "done.json").write_text(json.dumps({"seconds": 60, "recipe": run_recipe(runs[0])}))
+    (tmd / "checkpoints").mkdir(parents=True)
+    (tmd / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert retire_stale(runs, tmp_path) == [] and tmd.is_dir()
+    (s1 / "done.json").write_text(json.dumps({"seconds": 60}))  # its init trained before recipes were recorded
+    assert retire_stale(runs, tmp_path) == ["s1_tmmf_s0", "tmd_s0"] and not tmd.exists()

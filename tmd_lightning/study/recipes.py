@@ -109,6 +109,8 @@ def retire_stale(study: list[Run], out: Path, set_aside: bool = True) -> list[st
         upstream = [d for d in run.depends if d in stale]
         if upstream:
             why = f"it starts from {', '.join(upstream)}, which trains again"
+        elif not (run_dir(out, run.name) / "done.json").is_file() and not score_file(out, run.name).is_file():
+            continue  # interrupted here (or still training): it resumes from its last.ckpt, its recipe is recorded then
         else:
             old, new = recorded_recipe(out, run.name), run_recipe(run)
             if old == new:
