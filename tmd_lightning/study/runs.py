@@ -216,7 +216,7 @@ def kept_record(out: Path, name: str, file: str) -> Path:
 
 
 def samples_file(out: Path, name: str) -> Path:
-    """A model's few videos for the report's sample grid (`scores/<run>.samples.npz`, kept in git: a few KB)."""
+    """A model's few videos for the report's sample grid (`scores/<run>.samples.npz`, kept in git: 40-200 KB)."""
     return out / "scores" / f"{name}.samples.npz"
 
 
