@@ -337,6 +337,18 @@ def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
     assert "s1_tm_s0: recipe changed (none recorded: trained before recipes were recorded)" in capsys.readouterr().out
 
 
+def test_an_enabled_ema_is_part_of_the_recipe():
+    """The student's EMA decides which weights a Stage-2 run exports and the study scores, so a run made before it
+    was switched on is a run of another recipe; a disabled EMA (Stage 1's callbacks have none) adds nothing."""
+    runs = {r.name: r for r in study_runs([0], QUICK)}
+    tmd, s1 = run_recipe(runs["tmd_s0"]), run_recipe(runs["s1_tmmf_s0"])
+    assert tmd["callbacks.ema.enabled"] is True and tmd["callbacks.ema.target"] == "student"
+    assert not any(k.startswith("callbacks.") for k in s1)
+    off = run_recipe(replace(runs["tmd_s0"], overrides=(*runs["tmd_s0"].overrides, "callbacks.ema.enabled=false")))
+    assert not any(k.startswith("callbacks.") for k in off)
+    assert {k: v for k, v in tmd.items() if not k.startswith("callbacks.")} == off
+
+
 def test_an_interrupted_run_resumes_instead_of_being_set_aside(tmp_path: Path):
     """A run folder without `done.json` or scores is a run interrupted (or still training): it resumes, and is set
     aside only when the run it starts from trains again."""

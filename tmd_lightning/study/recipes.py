@@ -56,7 +56,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def run_recipe(run: Run) -> dict[str, Any]:
     """The run's recipe, flattened: its composed config (experiment + overrides + seed, `{runs}` as written) without
-    the parts that do not change what it trains (paths, logging, callbacks), and the teacher's weights digest."""
+    the parts that do not change what it trains (paths, logging, callbacks but an enabled EMA, whose weights are
+    the ones exported and scored), and the teacher's weights digest."""
     from hydra import compose, initialize_config_dir
 
     from tmd_lightning.config import CONFIG_DIR, register_resolvers
@@ -71,6 +72,9 @@ def run_recipe(run: Run) -> dict[str, Any]:
         else:
             cfg = compose("fit", overrides=[f"experiment={run.experiment}", f"seed={run.seed}", *overrides])
             tree = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k in RECIPE_SECTIONS}
+            ema = OmegaConf.select(cfg, "callbacks.ema")
+            if ema is not None and ema.get("enabled", True):  # the one callback that decides the exported weights
+                tree["callbacks"] = {"ema": OmegaConf.to_container(ema, resolve=False)}
         pretrained = OmegaConf.select(cfg, "model.pretrained")
     recipe = flatten(tree)
     recipe["teacher_weights"] = weights_digest(str(pretrained)) if pretrained else None
