@@ -79,7 +79,7 @@ def main() -> None:
     pairs = [(c, s) for c in all_captions() for s in range(args.seeds)]
     captions = [c for c, _ in pairs]
     background = torch.tensor(BACKGROUND, dtype=torch.uint8)
-    print(f"{len(pairs)} videos per model (48 captions x {args.seeds} seeds)\n")
+    print(f"{len(pairs)} videos per model ({len(all_captions())} captions x {args.seeds} seeds)\n")
     print("| model | sampler | variant | shape acc | square | circle | triangle | fill square / circle / triangle "
           "| speckle: mean weight | speckle: share >= 0.1 |\n|---|---|---|---:|---:|---:|---:|---|---:|---:|")
     for path in args.model:
@@ -90,9 +90,9 @@ def main() -> None:
         far = far_background(videos)
         weight = foreground_weights(videos, threshold=0.0)[far]
         cleaned = torch.where(far[..., None], background.expand_as(videos), videos)
+        speckle = f"{float(weight.mean()):.3f} | {float((weight >= 0.1).float().mean()):.3f}"
         for name, vids in (("as sampled", videos), ("far background cleaned", cleaned)):
             r = shape_row(vids, captions)
-            speckle = f"{float(weight.mean()):.3f} | {float((weight >= 0.1).float().mean()):.3f}"
             print(f"| {path} | {label} | {name} | {r['acc_shape']:.3f} | {r['acc_square']:.2f} | "
                   f"{r['acc_circle']:.2f} | {r['acc_triangle']:.2f} | {r['fill_square']:.3f} / "
                   f"{r['fill_circle']:.3f} / {r['fill_triangle']:.3f} | "
