@@ -341,11 +341,11 @@ def test_an_enabled_ema_is_part_of_the_recipe():
     """The student's EMA decides which weights a Stage-2 run exports and the study scores, so a run made before it
     was switched on is a run of another recipe; a disabled EMA (Stage 1's callbacks have none) adds nothing."""
     runs = {r.name: r for r in study_runs([0], QUICK)}
-    tmd, s1 = run_recipe(runs["tmd_s0"]), run_recipe(runs["s1_tmmf_s0"])
-    assert tmd["callbacks.ema.enabled"] is True and tmd["callbacks.ema.target"] == "student"
-    assert not any(k.startswith("callbacks.") for k in s1)
-    off = run_recipe(replace(runs["tmd_s0"], overrides=(*runs["tmd_s0"].overrides, "callbacks.ema.enabled=false")))
+    off, s1 = run_recipe(runs["tmd_s0"]), run_recipe(runs["s1_tmmf_s0"])  # the toy's Stage 2 keeps no EMA
     assert not any(k.startswith("callbacks.") for k in off)
+    assert not any(k.startswith("callbacks.") for k in s1)
+    tmd = run_recipe(replace(runs["tmd_s0"], overrides=(*runs["tmd_s0"].overrides, "callbacks.ema.enabled=true")))
+    assert tmd["callbacks.ema.enabled"] is True and tmd["callbacks.ema.target"] == "student"
     assert {k: v for k, v in tmd.items() if not k.startswith("callbacks.")} == off
 
 
