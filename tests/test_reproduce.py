@@ -97,7 +97,7 @@ def test_every_run_composes_into_the_intended_config(tmp_path: Path, run):
     else:
         steps = run.samplers[0]["M"]  # the run trains the student for the step count it is scored with
         assert cfg.stage._target_.endswith("DMD2Stage") and steps == cfg.tmd.M
-        assert cfg.stage.grid_gamma == cfg.model.student_grid_gamma == 3.0  # the grid TMD samples on, at every M
+        assert cfg.stage.grid_gamma == cfg.model.student_grid_gamma == 1.0  # the grid TMD samples on, at every M
         # the one-step DMD2-v starts from its seed's KD warm-up (the paper's Table 7), more steps from the teacher
         assert cfg.stage.student.kd_warmup is (steps == 1)
         if steps == 1:
@@ -323,7 +323,7 @@ def test_a_changed_recipe_sets_its_runs_aside(tmp_path: Path, capsys):
                for r in runs]
     assert retire_stale(changed, tmp_path, set_aside=False) == ["s1_tmmf_s0", "tmd_s0"]
     printed = capsys.readouterr().out
-    assert "s1_tmmf_s0: recipe changed (model.student_grid_gamma: 3.0 -> 10.0)" in printed
+    assert "s1_tmmf_s0: recipe changed (model.student_grid_gamma: 1.0 -> 10.0)" in printed
     assert "tmd_s0: recipe changed (it starts from s1_tmmf_s0, which trains again)" in printed
     assert all(study.is_done(tmp_path, r.name) for r in runs)  # only reported so far
     assert retire_stale(changed, tmp_path) == ["s1_tmmf_s0", "tmd_s0"]
