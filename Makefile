@@ -35,9 +35,9 @@ smoke: install  ## One batch through teacher, adapt_head and distill (debug=fdr;
 	$(PYTHON) -m tmd_lightning.fit experiment=adapt_head $(SMOKE)
 	$(PYTHON) -m tmd_lightning.fit experiment=distill stage/student=from_teacher $(SMOKE)
 
-# The main job on the toy (about 40 minutes on 2 idle CPU cores): Stage 1 from the shipped teacher, Stage 2, then the
+# The main job on the toy (40-60 minutes on 2 idle CPU cores): Stage 1 from the shipped teacher, Stage 2, then the
 # quality-vs-cost table and Pareto plot of teacher, Stage 1, TMD (and DMD2-v if `make baseline` ran).
-demo: install  ## The toy pipeline: adapt_head -> distill -> evaluate (about 40 min on 2 CPU cores)
+demo: install  ## The toy pipeline: adapt_head -> distill -> evaluate (40-60 min on 2 CPU cores)
 	$(PYTHON) -m tmd_lightning.fit experiment=adapt_head
 	$(PYTHON) -m tmd_lightning.fit experiment=distill
 	$(PYTHON) -m tmd_lightning.evaluate
