@@ -20,7 +20,7 @@ from PIL import Image
 from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.reproduce import main
 from tmd_lightning.study import runs as study
-from tmd_lightning.study.recipes import retire_stale, run_recipe
+from tmd_lightning.study.recipes import differences, retire_stale, run_recipe
 from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
 from tmd_lightning.study.scores import cached_rows, grid_prompts, read_samples, weights_record
@@ -347,6 +347,18 @@ def test_an_enabled_ema_is_part_of_the_recipe():
     tmd = run_recipe(replace(runs["tmd_s0"], overrides=(*runs["tmd_s0"].overrides, "callbacks.ema.enabled=true")))
     assert tmd["callbacks.ema.enabled"] is True and tmd["callbacks.ema.target"] == "student"
     assert {k: v for k, v in tmd.items() if not k.startswith("callbacks.")} == off
+
+
+def test_the_kd_pairs_recipe_holds_only_what_the_teacher_reads():
+    """The KD pairs are the teacher's samples: a student-only model key (the students' grid shift, H, the
+    discriminator) leaves their recipe as it is, so they are not made again; the teacher's guidance changes it."""
+    pairs = next(r for r in study_runs([0], QUICK) if r.name == "kd_pairs")
+    base = run_recipe(pairs)
+    assert base["model.guidance_scale"] == 2.0 and "model.student_grid_gamma" not in base
+    for override in ("model.student_grid_gamma=3.0", "model.head_blocks=2", "model.disc_width=32"):
+        assert run_recipe(replace(pairs, overrides=(*pairs.overrides, override))) == base, override
+    cfg5 = run_recipe(replace(pairs, overrides=(*pairs.overrides, "model.guidance_scale=5.0")))
+    assert differences(base, cfg5) == "model.guidance_scale: 2.0 -> 5.0"
 
 
 def test_an_interrupted_run_resumes_instead_of_being_set_aside(tmp_path: Path):

@@ -32,6 +32,8 @@ from tmd_lightning.study.runs import (
 
 RECIPE_SECTIONS = ("model", "tmd", "stage", "data", "trainer", "seed")  # what a run's samples depend on
 KD_PAIRS_IGNORED = ("hydra", "paths", "output", "task_name")  # the kd_pairs entry: all but where it writes
+# model keys only the students read: the KD pairs are the teacher's samples, so a change to these leaves them valid
+STUDENT_ONLY_MODEL_KEYS = ("student_grid_gamma", "head_blocks", "disc_blocks", "disc_width")
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,7 +59,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def run_recipe(run: Run) -> dict[str, Any]:
     """The run's recipe, flattened: its composed config (experiment + overrides + seed, `{runs}` as written) without
     the parts that do not change what it trains (paths, logging, callbacks but an enabled EMA, whose weights are
-    the ones exported and scored), and the teacher's weights digest."""
+    the ones exported and scored; for the KD pairs, the model keys only students read), and the teacher's weights
+    digest."""
     from hydra import compose, initialize_config_dir
 
     from tmd_lightning.config import CONFIG_DIR, register_resolvers
@@ -69,6 +72,7 @@ def run_recipe(run: Run) -> dict[str, Any]:
         if run.entry == "kd_pairs":
             cfg = compose("kd_pairs", overrides=overrides)
             tree = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in KD_PAIRS_IGNORED}
+            tree["model"] = {k: v for k, v in tree["model"].items() if k not in STUDENT_ONLY_MODEL_KEYS}
         else:
             cfg = compose("fit", overrides=[f"experiment={run.experiment}", f"seed={run.seed}", *overrides])
             tree = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k in RECIPE_SECTIONS}
