@@ -183,6 +183,11 @@ def test_verdicts():
     assert verdict([clear, means]).startswith("**holds on the means**")
     assert verdict([clear, worse]) == "**mixed**"
     assert verdict([worse]) == "**does not hold**"
+    one = Comparison("x", _cell([0.1]), _cell([0.2]), "toy_fd")  # a single training seed: no spread to speak of
+    assert verdict([one, one]) == "**holds on one seed** (no seed spread yet)"
+    assert one.line().endswith("better on one seed (no spread yet)")
+    assert means.line().endswith("better on the mean, within the seed spread")
+    assert verdict([one, means]).startswith("**holds on the means**")
 
 
 def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):

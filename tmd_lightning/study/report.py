@@ -87,10 +87,15 @@ class Comparison:
         return x > y if self.higher_better else x < y
 
     @property
+    def one_seed(self) -> bool:
+        """Whether a side has a single training seed, so that no spread can be told from the difference."""
+        return min(len(self.a.values[self.metric]), len(self.b.values[self.metric])) < 2
+
+    @property
     def outcome(self) -> str:
         """"clear" (every seed of a beats every seed of b), "means" (means only), or "no"."""
         va, vb = self.a.values[self.metric], self.b.values[self.metric]
-        if min(len(va), len(vb)) < 2:  # one seed: no spread to be beyond
+        if self.one_seed:  # no spread to be beyond
             return "means" if self._better(mean(va), mean(vb)) else "no"
         worst_a = min(va) if self.higher_better else max(va)
         best_b = max(vb) if self.higher_better else min(vb)
@@ -101,8 +106,9 @@ class Comparison:
     def line(self) -> str:
         fmt = next(m[2] for m in METRICS if m[0] == self.metric)
         name = next(m[1] for m in METRICS if m[0] == self.metric)
-        word = {"clear": "better, beyond the seed spread", "means": "better on the mean, within the seed spread",
-                "no": "not better"}[self.outcome]
+        word = {"clear": "better, beyond the seed spread",
+                "means": "better on one seed (no spread yet)" if self.one_seed else
+                "better on the mean, within the seed spread", "no": "not better"}[self.outcome]
         return (f"- {self.label}, {name} ({'higher' if self.higher_better else 'lower'} is better): "
                 f"{self.a.text(self.metric, fmt)} vs {self.b.text(self.metric, fmt)} — {word}")
 
@@ -113,6 +119,8 @@ def verdict(comparisons: list[Comparison]) -> str:
     if all(o == "clear" for o in outcomes):
         return "**holds**"
     if all(o != "no" for o in outcomes):
+        if all(c.one_seed for c in comparisons):
+            return "**holds on one seed** (no seed spread yet)"
         return "**holds on the means** (some differences are within the seed spread)"
     if any(o != "no" for o in outcomes):
         return "**mixed**"
