@@ -21,7 +21,18 @@ from tmd_lightning.config import CONFIG_DIR, register_resolvers
 from tmd_lightning.reproduce import main
 from tmd_lightning.study import runs as study
 from tmd_lightning.study.recipes import differences, retire_stale, run_recipe
-from tmd_lightning.study.report import Cell, Comparison, curves_section, training_curves, verdict
+from tmd_lightning.study.report import (
+    Cell,
+    Comparison,
+    Curve,
+    curve_flat,
+    curve_line,
+    curves_section,
+    curves_verdict,
+    joint_step,
+    training_curves,
+    verdict,
+)
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
 from tmd_lightning.study.scores import cached_rows, grid_prompts, read_samples, weights_record
 
@@ -150,7 +161,22 @@ def test_training_curves_are_seed_means(tmp_path: Path):
     lines = curves_section(runs, tmp_path)
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert "![training curves](training_curves.png)" in lines
-    assert "- TMD: joint 0.600 -> 0.610, toy-FD 0.200 -> 0.150 over the last 75 iterations (225 -> 300)" in lines
+    # 192 videos at joint 0.6 and 0.61: twice the sampling error of the change is 2 sqrt((.24 + .2379) / 192)
+    assert ("- TMD: joint 0.600 -> 0.610, toy-FD 0.200 -> 0.150 over the last 75 iterations (225 -> 300): **flat** "
+            "(joint +0.010, twice its sampling error 0.100)") in lines
+    assert lines[-2].startswith("Every curve's joint accuracy is flat")
+
+
+def test_a_curve_that_moves_beyond_its_sampling_error_is_named():
+    # one seed, 96 videos: 0.615 -> 0.771 is a change of 0.156 against twice its error 2 sqrt((.2368 + .1766) / 96)
+    moving = Curve("TMD", "iterations", 1, [1125, 1500], {"toy/acc_joint": [0.615, 0.771], "toy/fd": [0.21, 0.18]})
+    steady = Curve("DMD2-v 2 steps", "iterations", 1, [1125, 1500],
+                   {"toy/acc_joint": [0.656, 0.667], "toy/fd": [0.171, 0.173]})
+    assert joint_step(moving) == pytest.approx((0.156, 2 * ((0.615 * 0.385 + 0.771 * 0.229) / 96) ** 0.5))
+    assert not curve_flat(moving) and curve_flat(steady)
+    assert "**still moving** (joint +0.156, twice its sampling error 0.131)" in curve_line(moving)
+    sentence = curves_verdict([moving, steady])
+    assert "TMD." in sentence and "DMD2-v" not in sentence
 
 
 def test_curves_section_is_skipped_without_toy_eval_files(tmp_path: Path):

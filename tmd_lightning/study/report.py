@@ -24,6 +24,9 @@ TEACHER_REF = "teacher"
 CURVE_METRICS = (("toy/acc_joint", "joint", "joint accuracy (higher is better)"),
                  ("toy/fd", "toy-FD", "toy-FD (lower is better)"))
 STAGE1_CURVE = "Stage 1, TM-MF"  # the Stage-1 family whose curve is drawn beside Stage 2's (every TMD run's init)
+# videos per toy evaluation during training: the 48 toy captions x the ToyEvalCallback's 2 seeds
+# (configs/callbacks/*.yaml); sets the sampling error that decides whether a curve has flattened
+CURVE_VIDEOS = 96
 
 
 @dataclass
@@ -288,13 +291,41 @@ def _save(fig: Any, axes: Any, path: Path) -> Path:
     return path
 
 
+def joint_step(c: Curve) -> tuple[float, float]:
+    """The last two evaluations' change in joint accuracy and twice its binomial sampling error (each evaluation
+    scores CURVE_VIDEOS videos per seed, treated as independent draws: a conservative error, since both evaluations
+    reuse the same captions and noise seeds)."""
+    p1, p2 = c.values["toy/acc_joint"][-2:]
+    n = CURVE_VIDEOS * c.seeds
+    return p2 - p1, 2 * ((p1 * (1 - p1) + p2 * (1 - p2)) / n) ** 0.5
+
+
+def curve_flat(c: Curve) -> bool:
+    """Whether joint accuracy moved less than twice its sampling error between the last two evaluations."""
+    change, error = joint_step(c)
+    return abs(change) <= error
+
+
 def curve_line(c: Curve) -> str:
     """The last two evaluations' means of one family, so a reader sees whether its curve has flattened."""
     if len(c.steps) < 2:
         values = ", ".join(f"{name} {c.values[key][-1]:.3f}" for key, name, _ in CURVE_METRICS)
         return f"- {c.family}: {values} at {c.unit[:-1]} {c.steps[-1]} (one evaluation)"
     values = ", ".join(f"{name} {c.values[key][-2]:.3f} -> {c.values[key][-1]:.3f}" for key, name, _ in CURVE_METRICS)
-    return f"- {c.family}: {values} over the last {c.steps[-1] - c.steps[-2]} {c.unit} ({c.steps[-2]} -> {c.steps[-1]})"
+    change, error = joint_step(c)
+    judged = "flat" if curve_flat(c) else "still moving"
+    return (f"- {c.family}: {values} over the last {c.steps[-1] - c.steps[-2]} {c.unit} ({c.steps[-2]} -> "
+            f"{c.steps[-1]}): **{judged}** (joint {change:+.3f}, twice its sampling error {error:.3f})")
+
+
+def curves_verdict(curves: list[Curve]) -> str:
+    """One sentence on whether the budgets were long enough, from every family evaluated at least twice."""
+    moving = [c.family for c in curves if len(c.steps) >= 2 and not curve_flat(c)]
+    if not moving:
+        return "Every curve's joint accuracy is flat within its sampling error over the last evaluation interval."
+    return (f"Still moving over the last evaluation interval (joint accuracy changed by more than twice its "
+            f"sampling error): {'; '.join(moving)}. For these the budget is not shown to be long enough; their "
+            f"final scores may sit on an upswing or a dip of the curve.")
 
 
 def curves_section(runs: list[Run], out: Path) -> list[str]:
@@ -308,8 +339,9 @@ def curves_section(runs: list[Run], out: Path) -> list[str]:
     return ["## Training curves", "",
             "Each run's toy evaluation during training (`runs/<run>/toy_eval.csv`: the 48 toy captions x 2 seeds with "
             "the run's own sampler; a quarter of the budget apart), the mean over training seeds at the steps every "
-            "seed evaluated. Where the last two evaluations agree, the budget was long enough for the curve to "
-            "flatten.", "", f"![training curves]({figure.name})", "", *map(curve_line, curves), ""]
+            "seed evaluated. A curve counts as flat where joint accuracy moved by no more than twice its binomial "
+            f"sampling error ({CURVE_VIDEOS} videos per seed) between the last two evaluations.", "",
+            f"![training curves]({figure.name})", "", *map(curve_line, curves), "", curves_verdict(curves), ""]
 
 
 def sample_sources(families: list[str], runs: list[Run], out: Path) -> list[tuple[str, str]]:
