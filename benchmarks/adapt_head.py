@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import seconds_per_step, toy_batch  # noqa: E402
+from foundation import seconds_per_step, toy_batch, toy_codec, toy_guidance  # noqa: E402
 
 from tmd_lightning.data.toy_world import all_captions  # noqa: E402
-from tmd_lightning.models import TOY_MODEL_DIR, PixelCodec, TextEncoder, build_student, load_transformer  # noqa: E402
+from tmd_lightning.models import TOY_MODEL_DIR, TextEncoder, build_student, load_transformer  # noqa: E402
 from tmd_lightning.stages import AdaptHeadStage, TeacherStage  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def stages() -> tuple[TeacherStage, AdaptHeadStage]:
     tmd = OmegaConf.load(ROOT / "configs" / "tmd" / "default.yaml")
     optimizer = partial(torch.optim.AdamW, lr=float(cfg.optimizer.lr), betas=tuple(cfg.optimizer.betas),
                         weight_decay=float(cfg.optimizer.weight_decay))
-    codec = PixelCodec(int(model_cfg.codec.patch))
+    codec = toy_codec()
     teacher = TeacherStage(load_transformer(pretrained=TOY_MODEL_DIR), codec, text_encoder, optimizer)
     student = build_student(teacher=str(TOY_MODEL_DIR), head_blocks=int(model_cfg.head_blocks), fusion=tmd.fusion)
     keys = ("cond_dropout", "s_shift", "s_min", "s_max", "p_r_equals_s", "cfg_scale", "fd_delta", "loss_c")
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     sec_stage1 = seconds_per_step(stage1, batch, warmup, steps)
     captions = all_captions()[: 8 if args.quick else 48]
     repeats = 1 if args.quick else 3
-    samplers = [("teacher", teacher, dict(steps=50, cfg=5.0)), ("teacher", teacher, dict(steps=1, cfg=5.0)),
+    w = toy_guidance()
+    samplers = [("teacher", teacher, dict(steps=50, cfg=w)), ("teacher", teacher, dict(steps=1, cfg=w)),
                 ("TMD", stage1, dict(M=2, N=2)), ("TMD", stage1, dict(M=1, N=2)), ("TMD", stage1, dict(M=2, N=4))]
     timed = [(name, opts, stage.sampler_nfe(**opts), seconds_per_video(stage, captions, repeats, **opts))
              for name, stage, opts in samplers]
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"- torch {torch.__version__}, threads {torch.get_num_threads()}, python {platform.python_version()}, "
           f"{platform.machine()}")
-    print(f"- toy: 9 x 16 x 16 videos -> 48 x 9 x 4 x 4 latents, L = {stage1.student.num_layers}, "
+    latents = " x ".join(map(str, stage1.codec.latent_shape(9, 16, 16)))
+    print(f"- toy: 9 x 16 x 16 videos -> {latents} latents, L = {stage1.student.num_layers}, "
           f"H = {stage1.student.head_blocks}; batch {args.batch_size}; {steps} timed steps after {warmup} warm-up\n")
     print("| benchmark | setting | effective NFE | seconds | ratio |")
     print("|---|---|---:|---:|---:|")

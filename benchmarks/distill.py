@@ -26,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import toy_batch  # noqa: E402
+from foundation import toy_batch, toy_codec  # noqa: E402
 
 from tmd_lightning.models import (  # noqa: E402
     TOY_MODEL_DIR,
     Discriminator,
-    PixelCodec,
     TextEncoder,
     build_student,
     load_transformer,  # noqa: E402
@@ -47,9 +46,9 @@ def build(kind: str, text_encoder: TextEncoder):
     optimizer = partial(torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
     if kind == "TMD":
         student = build_student(teacher=str(TOY_MODEL_DIR), head_blocks=1)
-        stage = TMDDistillStage(student, teacher, PixelCodec(4), text_encoder, optimizer, disc, N=2)
+        stage = TMDDistillStage(student, teacher, toy_codec(), text_encoder, optimizer, disc, N=2)
     else:
-        stage = DMD2Stage(load_transformer(pretrained=TOY_MODEL_DIR), teacher, PixelCodec(4), text_encoder,
+        stage = DMD2Stage(load_transformer(pretrained=TOY_MODEL_DIR), teacher, toy_codec(), text_encoder,
                           optimizer, disc)
     opts = stage.configure_optimizers()
     stage.optimizers = lambda: opts  # outside a Trainer: the stage's own iteration methods, no Lightning loop

@@ -4,7 +4,8 @@
     python benchmarks/foundation.py --quick    # smoke run, < 60 s
 
 Prints a Markdown table. The toy teacher's transformer is built from `configs/model/toy.yaml` (random weights: the
-speed does not depend on them); the text encoder is the shipped toy T5; the codec is the 4x4 pixel codec.
+speed does not depend on them); the text encoder is the shipped toy T5; the codec and the guidance scale are
+the config's (`toy_codec`, `toy_guidance`, shared with the other toy benchmarks so they follow the config).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,8 +35,24 @@ from tmd_lightning.sampling import effective_nfe, teacher_sample  # noqa: E402
 from tmd_lightning.stages import TeacherStage  # noqa: E402
 
 
+def toy_model_cfg() -> DictConfig:
+    """configs/model/toy.yaml, the toy's networks as `fit` builds them."""
+    return OmegaConf.load(ROOT / "configs" / "model" / "toy.yaml")
+
+
+def toy_codec() -> PixelCodec:
+    """The toy codec as the config builds it (patch and frames per latent frame), so a benchmark's latents have the
+    channels and frames the transformer expects."""
+    return instantiate(toy_model_cfg().codec)
+
+
+def toy_guidance() -> float:
+    """The toy's classifier-free guidance scale (`model.guidance_scale`)."""
+    return float(toy_model_cfg().guidance_scale)
+
+
 def toy_stage(seed: int = 0) -> TeacherStage:
-    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / "toy.yaml")
+    model_cfg = toy_model_cfg()
     stage_cfg = OmegaConf.load(ROOT / "configs" / "stage" / "teacher.yaml")
     torch.manual_seed(seed)
     transformer = load_transformer(config=model_cfg.transformer_config)
@@ -43,7 +61,7 @@ def toy_stage(seed: int = 0) -> TeacherStage:
     opt = stage_cfg.optimizer
     optimizer = partial(torch.optim.AdamW, lr=float(opt.lr), betas=tuple(opt.betas),
                         weight_decay=float(opt.weight_decay))
-    return TeacherStage(transformer, PixelCodec(int(model_cfg.codec.patch)), text_encoder, optimizer,
+    return TeacherStage(transformer, toy_codec(), text_encoder, optimizer,
                         cond_dropout=float(stage_cfg.cond_dropout), t_shift=float(stage_cfg.t_shift))
 
 
@@ -107,8 +125,9 @@ def bench_sampling(batch_size: int, steps: int, cfg: float) -> dict:
 
 def bench_sampling_glue(batch_size: int = 8, few: int = 20, many: int = 220, repeats: int = 5) -> dict:
     """The sampling loop's own cost per step (time grid, per-step time tensor, Euler update), with a zero-cost
-    velocity on toy latents (48 x 3 x 4 x 4): the slope of the best-of-`repeats` time from `few` to `many` steps."""
-    noise = torch.randn(batch_size, 48, 3, 4, 4)
+    velocity on toy latents (the config's codec, 9 x 16 x 16 frames): the slope of the best-of-`repeats` time from
+    `few` to `many` steps."""
+    noise = torch.randn(batch_size, *toy_codec().latent_shape(9, 16, 16))
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x  # no network: what remains is the loop's glue
@@ -136,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.quick:
         train = dict(batch_size=32, warmup=1, steps=2)
-        vpc, sample = 1, dict(batch_size=2, steps=5, cfg=5.0)
+        vpc, sample = 1, dict(batch_size=2, steps=5, cfg=toy_guidance())
     else:
         train = dict(batch_size=32, warmup=3, steps=10)
-        vpc, sample = 4, dict(batch_size=8, steps=50, cfg=5.0)
+        vpc, sample = 4, dict(batch_size=8, steps=50, cfg=toy_guidance())
 
     print(f"# tmd_lightning foundation benchmark{' (--quick)' if args.quick else ''}\n")
     print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")

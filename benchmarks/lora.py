@@ -34,12 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import toy_batch  # noqa: E402
+from foundation import toy_batch, toy_codec  # noqa: E402
 
 from tmd_lightning.models import (  # noqa: E402
     TOY_MODEL_DIR,
     Discriminator,
-    PixelCodec,
     TextEncoder,
     TMDTransformer,
     build_student,
@@ -67,7 +66,7 @@ def build(text_encoder: TextEncoder, lora: dict[str, Any] | None) -> tuple[TMDDi
     """The toy TMD stage of `benchmarks/distill.py` (H = 1 of L = 6, N = 2, heads at blocks 3-5), in a LoRA mode."""
     teacher = load_transformer(pretrained=TOY_MODEL_DIR)
     student = build_student(teacher=str(TOY_MODEL_DIR), head_blocks=1)
-    stage = TMDDistillStage(student, teacher, PixelCodec(4), text_encoder,
+    stage = TMDDistillStage(student, teacher, toy_codec(), text_encoder,
                             partial(torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01),
                             partial(Discriminator, feature_blocks=(3, 4, 5), hidden_dim=64), N=2, lora=lora)
     opts = stage.configure_optimizers()

@@ -25,6 +25,7 @@ from tmd_lightning.study.report import (
     Cell,
     Comparison,
     Curve,
+    aggregate,
     curve_flat,
     curve_line,
     curves_section,
@@ -214,6 +215,26 @@ def test_verdicts():
     assert one.line().endswith("better on one seed (no spread yet)")
     assert means.line().endswith("better on the mean, within the seed spread")
     assert verdict([one, means]).startswith("**holds on the means**")
+
+
+def test_a_comparison_uses_the_seeds_both_families_have():
+    # TMD has seeds 0 and 1, the ablation only seed 0: the claim compares seed 0 with seed 0, not a two-seed mean
+    rows = [{"family": "TMD", "sampler": "s", "seed": 0, "acc_joint": 0.75},
+            {"family": "TMD", "sampler": "s", "seed": 1, "acc_joint": 0.65},
+            {"family": "ablation", "sampler": "s", "seed": 0, "acc_joint": 0.745}]
+    cells = aggregate(rows)
+    c = Comparison("x", cells[("TMD", "s")], cells[("ablation", "s")], "acc_joint")
+    assert c.common_seeds == {0} and c.one_seed and c.outcome == "means"  # pooled it would be 0.70 < 0.745: "no"
+    assert c.line() == ("- x, joint (higher is better): 0.750 vs 0.745 (on training seed 0, the one both have) — "
+                        "better on one seed (no spread yet)")
+    rows.append({"family": "ablation", "sampler": "s", "seed": 1, "acc_joint": 0.6})
+    cells = aggregate(rows)
+    both = Comparison("x", cells[("TMD", "s")], cells[("ablation", "s")], "acc_joint")
+    assert both.common_seeds is None and both.seed_wins() == (2, 2) and both.outcome == "means"
+    assert both.line().endswith("better on the mean, within the seed spread; better on 2 of 2 seeds")
+    disjoint = Comparison("x", cells[("TMD", "s")], Cell("b", "s", {"acc_joint": [0.1]}, {"acc_joint": [2]}),
+                          "acc_joint")
+    assert disjoint.paired == (disjoint.a, disjoint.b) and "no training seed in common" in disjoint.line()
 
 
 def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):

@@ -7,7 +7,7 @@ import csv
 import datetime
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -36,6 +36,13 @@ class Cell:
     family: str
     sampler: str
     values: dict[str, list[float]]
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # metric -> the training seed of each value
+
+    def on_seeds(self, keep: set[int]) -> Cell:
+        """The cell restricted to the training seeds in `keep` (so two families compare on the seeds both have)."""
+        values = {k: [v for v, s in zip(vs, self.seeds[k], strict=True) if s in keep] for k, vs in self.values.items()}
+        seeds = {k: [s for s in ss if s in keep] for k, ss in self.seeds.items()}
+        return Cell(self.family, self.sampler, values, seeds)
 
     def mean(self, key: str) -> float:
         return mean(self.values[key])
@@ -58,6 +65,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Cell]:
         for key in ("effective_nfe", "seconds_per_video", *(m[0] for m in METRICS)):
             if key in r:
                 cell.values.setdefault(key, []).append(float(r[key]))
+                cell.seeds.setdefault(key, []).append(int(r.get("seed", -1)))
     return cells
 
 
@@ -90,14 +98,34 @@ class Comparison:
         return x > y if self.higher_better else x < y
 
     @property
+    def common_seeds(self) -> set[int] | None:
+        """The training seeds both sides have, where they differ (a family still training has fewer); None when
+        they match or a side does not record its seeds."""
+        sa, sb = self.a.seeds.get(self.metric), self.b.seeds.get(self.metric)
+        if not sa or not sb or set(sa) == set(sb):
+            return None
+        return set(sa) & set(sb)
+
+    @property
+    def paired(self) -> tuple[Cell, Cell]:
+        """The two cells on the seeds both have: comparing a two-seed mean with a one-seed value would mix the seed
+        spread into the difference."""
+        common = self.common_seeds
+        if common is None or not common:
+            return self.a, self.b
+        return self.a.on_seeds(common), self.b.on_seeds(common)
+
+    @property
     def one_seed(self) -> bool:
         """Whether a side has a single training seed, so that no spread can be told from the difference."""
-        return min(len(self.a.values[self.metric]), len(self.b.values[self.metric])) < 2
+        a, b = self.paired
+        return min(len(a.values[self.metric]), len(b.values[self.metric])) < 2
 
     @property
     def outcome(self) -> str:
         """"clear" (every seed of a beats every seed of b), "means" (means only), or "no"."""
-        va, vb = self.a.values[self.metric], self.b.values[self.metric]
+        a, b = self.paired
+        va, vb = a.values[self.metric], b.values[self.metric]
         if self.one_seed:  # no spread to be beyond
             return "means" if self._better(mean(va), mean(vb)) else "no"
         worst_a = min(va) if self.higher_better else max(va)
@@ -112,8 +140,32 @@ class Comparison:
         word = {"clear": "better, beyond the seed spread",
                 "means": "better on one seed (no spread yet)" if self.one_seed else
                 "better on the mean, within the seed spread", "no": "not better"}[self.outcome]
+        a, b = self.paired
+        common = self.common_seeds
+        where = ""
+        if common:
+            listed = ", ".join(map(str, sorted(common)))
+            where = (f" (on training seed{'s' if len(common) > 1 else ''} {listed}, the "
+                     f"{'ones' if len(common) > 1 else 'one'} both have)")
+        elif common is not None:
+            where = " (no training seed in common: compared across seeds)"
+        wins = self.seed_wins()
+        if wins is not None and wins[1] > 1:
+            word += f"; better on {wins[0]} of {wins[1]} seeds"
         return (f"- {self.label}, {name} ({'higher' if self.higher_better else 'lower'} is better): "
-                f"{self.a.text(self.metric, fmt)} vs {self.b.text(self.metric, fmt)} — {word}")
+                f"{a.text(self.metric, fmt)} vs {b.text(self.metric, fmt)}{where} — {word}")
+
+    def seed_wins(self) -> tuple[int, int] | None:
+        """(seeds on which a beats b, seeds both have), seed by seed (same seed = same data order and, for the
+        Stage-2 runs, the same Stage-1 init); None when a side does not record its seeds. Shown beside the
+        verdict, which does not use it."""
+        sa, sb = self.a.seeds.get(self.metric), self.b.seeds.get(self.metric)
+        if not sa or not sb:
+            return None
+        va = dict(zip(sa, self.a.values[self.metric], strict=True))
+        vb = dict(zip(sb, self.b.values[self.metric], strict=True))
+        common = sorted(set(va) & set(vb))
+        return sum(self._better(va[k], vb[k]) for k in common), len(common)
 
 
 def verdict(comparisons: list[Comparison]) -> str:
