@@ -111,7 +111,7 @@ class Comparison:
         """The two cells on the seeds both have: comparing a two-seed mean with a one-seed value would mix the seed
         spread into the difference."""
         common = self.common_seeds
-        if common is None or not common:
+        if not common:  # same seeds, unrecorded seeds or none in common: compare as they are
             return self.a, self.b
         return self.a.on_seeds(common), self.b.on_seeds(common)
 
