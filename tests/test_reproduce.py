@@ -31,6 +31,7 @@ from tmd_lightning.study.report import (
     curves_section,
     curves_verdict,
     joint_step,
+    plot_series,
     training_curves,
     verdict,
 )
@@ -178,6 +179,18 @@ def test_a_curve_that_moves_beyond_its_sampling_error_is_named():
     assert "**still moving** (joint +0.156, twice its sampling error 0.131)" in curve_line(moving)
     sentence = curves_verdict([moving, steady])
     assert "TMD." in sentence and "DMD2-v" not in sentence
+
+
+def test_the_plot_draws_the_teachers_samplers_with_and_without_cfg_as_two_lines():
+    samplers = (("Euler 1 x CFG 2", 0.47), ("Euler 2, no CFG", 0.16), ("Euler 2 x CFG 2", 0.15),
+                ("Euler 3, no CFG", 0.12))
+    cells = [Cell("teacher", s, {"toy_fd": [v]}) for s, v in samplers]
+    tmd = [Cell("TMD", "TMD M=1 N=2", {"toy_fd": [0.14]}), Cell("TMD", "TMD M=2 N=2", {"toy_fd": [0.12]})]
+    series = plot_series(cells + tmd)
+    assert {k: [c.sampler for c in v] for k, v in series.items()} == {
+        "teacher, with CFG": ["Euler 1 x CFG 2", "Euler 2 x CFG 2"],
+        "teacher, no CFG": ["Euler 2, no CFG", "Euler 3, no CFG"],
+        "TMD": ["TMD M=1 N=2", "TMD M=2 N=2"]}
 
 
 def test_curves_section_is_skipped_without_toy_eval_files(tmp_path: Path):

@@ -442,24 +442,35 @@ def samples_section(families: list[str], runs: list[Run], out: Path) -> list[str
             "`scores/<run>.samples.npz`.", ""]
 
 
+def plot_series(cells: list[Cell]) -> dict[str, list[Cell]]:
+    """The plot's lines: one per family, the teacher's few-step samplers split into with and without CFG (one line
+    through both would join points of different kinds, e.g. Euler 1 x CFG and Euler 2 without CFG at NFE 2)."""
+    series: dict[str, list[Cell]] = {}
+    for c in cells:
+        name = c.family
+        if c.family == TEACHER_REF:
+            name = f"{TEACHER_REF}, no CFG" if "no CFG" in c.sampler else f"{TEACHER_REF}, with CFG"
+        series.setdefault(name, []).append(c)
+    return series
+
+
 def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
     """toy-FD and joint accuracy against effective NFE (log x), seed range as error bars; the teacher's 50x2 line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    families = list(dict.fromkeys(c.family for c in cells.values()))
+    teacher = [c for c in cells.values() if c.family == TEACHER_REF]
+    ref = max(teacher, key=lambda c: c.mean("effective_nfe")) if teacher else None
     for ax, key, label in ((axes[0], "toy_fd", "toy-FD (lower is better)"),
                            (axes[1], "acc_joint", "joint accuracy (higher is better)")):
-        for family in families:
-            mine = sorted((c for c in cells.values() if c.family == family and key in c.values),
-                          key=lambda c: c.mean("effective_nfe"))
-            if family == TEACHER_REF:
-                ref = max(mine, key=lambda c: c.mean("effective_nfe"))
-                ax.axhline(ref.mean(key), color="k", ls=":", lw=1, label=f"teacher {ref.sampler}")
-                mine = [c for c in mine if c is not ref]
+        if ref is not None and key in ref.values:
+            ax.axhline(ref.mean(key), color="k", ls=":", lw=1, label=f"teacher {ref.sampler}")
+        for family, members in plot_series([c for c in cells.values() if c is not ref]).items():
+            mine = sorted((c for c in members if key in c.values), key=lambda c: c.mean("effective_nfe"))
             if not mine:
                 continue
             ax.errorbar([c.mean("effective_nfe") for c in mine], [c.mean(key) for c in mine],
@@ -467,6 +478,9 @@ def plot(cells: dict[tuple[str, str], Cell], path: Path) -> Path:
                               [max(c.values[key]) - c.mean(key) for c in mine]],
                         marker="o", ms=4, capsize=3, lw=1, label=family)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.FixedLocator([1, 1.5, 2, 3, 4, 6, 8]))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("effective NFE")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
