@@ -272,6 +272,10 @@ def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):
     assert (tmp_path / "data" / "toy_quick_9x16x16" / "train" / "manifest.csv").is_file()
     log_text = (out / "runs" / "tmd_s0" / "config.yaml").read_text()
     assert str(out / "runs" / "s1_tmmf_s0" / "checkpoints" / "last.ckpt") in log_text
+    # the console output and Hydra's job log are two files, so neither holds each log record twice
+    for log in (out / "runs" / "tmd_s0" / "console.log", out / "runs" / "tmd_s0" / "fit.log"):
+        records = [line for line in log.read_text().splitlines() if "][INFO] - " in line]
+        assert records and len(records) == len(set(records)), log
     scores = json.loads((out / "scores" / "tmd_s0.json").read_text())
     # the sample grid: every scored model's samplers on the grid prompts, one row each, in the report
     for name in ("teacher", "s1_tmmf_s0", "tmd_s0"):

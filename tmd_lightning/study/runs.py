@@ -187,8 +187,9 @@ def run_command(run: Run, out: Path) -> list[str]:
 
 
 def folder_log(out: Path, run: Run) -> Path:
-    """Where a run's output goes: `<run>/<entry>.log`."""
-    return run_dir(out, run.name) / f"{run.entry}.log"
+    """Where a run's console output goes: `<run>/console.log` (warnings, progress and log records; Hydra's own
+    `<entry>.log` beside it holds the log records only, so the two must not be one file)."""
+    return run_dir(out, run.name) / "console.log"
 
 
 def is_done(out: Path, name: str) -> bool:
