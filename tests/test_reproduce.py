@@ -140,12 +140,14 @@ def test_train_waits_for_every_dependency(tmp_path: Path, monkeypatch):
         train([Run("d", None, needs=("e",))], tmp_path, jobs=1, poll_seconds=0.05)
 
 
-def _toy_eval(folder: Path, rows: list[tuple[int, float, float]]) -> None:
+def _toy_eval(folder: Path, rows: list[tuple[int, float, float]], finished: bool = True) -> None:
     folder.mkdir(parents=True)
     with (folder / "toy_eval.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "toy/acc_colour", "toy/acc_joint", "toy/fd"])
         writer.writerows([step, 0.5, joint, fd] for step, joint, fd in rows)
+    if finished:
+        (folder / "done.json").write_text(json.dumps({"seconds": 60.0}))
 
 
 def test_training_curves_are_seed_means(tmp_path: Path):
@@ -156,6 +158,9 @@ def test_training_curves_are_seed_means(tmp_path: Path):
     # seed 1 was not evaluated at 75, and evaluated 300 twice (a resumed run): its last row counts
     _toy_eval(tmp_path / "runs" / "tmd_s1", [(150, 0.2, 0.5), (225, 0.7, 0.15), (300, 0.1, 0.9), (300, 0.62, 0.1)])
     _toy_eval(tmp_path / "runs" / "s1_tm_s0", [(75, 0.1, 1.0)])
+    # seed 2 is still training: its partial curve is not the family's
+    runs.append(Run("tmd_s2", "distill", family="TMD", seed=2))
+    _toy_eval(tmp_path / "runs" / "tmd_s2", [(150, 0.9, 0.05)], finished=False)
     (curve,) = training_curves(runs, tmp_path)
     assert curve.family == "TMD" and curve.seeds == 2 and curve.steps == [150, 225, 300]
     assert curve.values["toy/acc_joint"] == pytest.approx([0.3, 0.6, 0.61])

@@ -223,9 +223,10 @@ def samples_file(out: Path, name: str) -> Path:
 
 def run_record(out: Path, name: str, file: str) -> Path:
     """A finished run's `done.json` or `toy_eval.csv`: from its folder, else the copy kept beside its scores
-    (`kept_record`), so a carried run keeps its training time and curve."""
+    (`kept_record`), so a carried run keeps its training time and curve. A run still training (no `done.json` in its
+    folder) has only the kept copy, if any: its partial curve is not the study's."""
     local = run_dir(out, name) / file
-    return local if local.is_file() else kept_record(out, name, file)
+    return local if local.is_file() and is_done(out, name) else kept_record(out, name, file)
 
 
 def runs_to_train(runs: list[Run], out: Path, study: list[Run] | None = None) -> list[Run]:
