@@ -140,6 +140,44 @@ def test_train_waits_for_every_dependency(tmp_path: Path, monkeypatch):
         train([Run("d", None, needs=("e",))], tmp_path, jobs=1, poll_seconds=0.05)
 
 
+def test_a_resumed_runs_training_time_counts_every_sitting(tmp_path: Path, monkeypatch):
+    """The first sitting is stopped after about 0.8 s (as a closed session kills it), the second finishes: `done.json`
+    counts both sittings, not the last one alone."""
+
+    def command(run: Run, out: Path) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(2.0)"]
+
+    monkeypatch.setattr(study, "run_command", command)
+    monkeypatch.setattr(study.time, "sleep", _stop_after(0.8))
+    with pytest.raises(_Stopped):
+        train([Run("a", None)], tmp_path, jobs=1, poll_seconds=0.05)
+    first = json.loads((study.run_dir(tmp_path, "a") / "elapsed.json").read_text())["seconds"]
+    assert first > 0.5 and not study.is_done(tmp_path, "a")
+    monkeypatch.undo()
+    monkeypatch.setattr(study, "run_command", command)
+    train([Run("a", None)], tmp_path, jobs=1, poll_seconds=0.05)
+    total = json.loads((study.run_dir(tmp_path, "a") / "done.json").read_text())["seconds"]
+    assert total >= first + 2.0
+
+
+class _Stopped(Exception):
+    """Stands for the signal that stops a sitting."""
+
+
+def _stop_after(seconds: float):
+    """A `time.sleep` that raises `_Stopped` once `seconds` have passed: the poll loop stops mid-run."""
+    import time
+
+    start, real_sleep = time.perf_counter(), time.sleep
+
+    def sleep(dt: float) -> None:
+        if time.perf_counter() - start > seconds:
+            raise _Stopped
+        real_sleep(dt)
+
+    return sleep
+
+
 def _toy_eval(folder: Path, rows: list[tuple[int, float, float]], finished: bool = True) -> None:
     folder.mkdir(parents=True)
     with (folder / "toy_eval.csv").open("w", newline="") as fh:

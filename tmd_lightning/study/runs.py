@@ -253,7 +253,9 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
     """Runs every unfinished run (`runs_to_train`: with the runs of the whole `study` they need), `jobs` at a time,
     each once every run it depends on is done; stops on the first failure; returns the runs it started. Each run's
     output goes to `<run>/<entry>.log`; its `done.json` records its training time and `recipe(run)` (the study's
-    `recipes.run_recipe`), by which a later sitting tells a run made with another recipe.
+    `recipes.run_recipe`), by which a later sitting tells a run made with another recipe. The training time sums
+    every sitting of a run that resumed: each poll writes the run's time so far to `<run>/elapsed.json`, so a sitting
+    stopped by a kill or a closed session counts up to its last poll.
 
     With several jobs each process gets an equal share of the CPU threads (`OMP_NUM_THREADS`), which on a small
     machine gives more throughput than one multi-threaded run at a time.
@@ -279,7 +281,8 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
             started += 1
             print(f"[{time.strftime('%H:%M:%S')}] start {run.name} ({started}/{total})", flush=True)
             active[run.name] = (subprocess.Popen(run_command(run, out), stdout=logfile, stderr=subprocess.STDOUT,
-                                                 env=env), time.perf_counter(), logfile, run)
+                                                 env=env), time.perf_counter() - earlier_seconds(out, run.name),
+                                logfile, run)
         if not active:
             missing = "; ".join(f"{r.name} needs {', '.join(d for d in r.depends if not is_done(out, d))}"
                                 for r in pending)
@@ -287,6 +290,7 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
         time.sleep(poll_seconds)
         for name, (proc, start, logfile, run) in list(active.items()):
             if proc.poll() is None:
+                write_elapsed(out, name, time.perf_counter() - start)
                 continue
             logfile.close()
             del active[name]
@@ -300,6 +304,20 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
             (run_dir(out, name) / "done.json").write_text(json.dumps(record))
             print(f"[{time.strftime('%H:%M:%S')}] done  {name} in {seconds / 60:.1f} min", flush=True)
     return started_runs
+
+
+def earlier_seconds(out: Path, name: str) -> float:
+    """Training time of a run's earlier, interrupted sittings (0 for a run starting afresh)."""
+    path = run_dir(out, name) / "elapsed.json"
+    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+
+
+def write_elapsed(out: Path, name: str, seconds: float) -> None:
+    """Records a running run's training time so far (atomically: a kill mid-write leaves the last record)."""
+    path = run_dir(out, name) / "elapsed.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"seconds": seconds}))
+    tmp.replace(path)
 
 
 def project_root() -> Path:
