@@ -34,6 +34,7 @@ from tmd_lightning.study.report import (
     plot_series,
     training_curves,
     verdict,
+    write_report,
 )
 from tmd_lightning.study.runs import FULL, KD_FAMILY, QUICK, Run, run_command, study_runs, train
 from tmd_lightning.study.scores import cached_rows, grid_prompts, read_samples, weights_record
@@ -291,6 +292,32 @@ def test_a_comparison_uses_the_seeds_both_families_have():
     disjoint = Comparison("x", cells[("TMD", "s")], Cell("b", "s", {"acc_joint": [0.1]}, {"acc_joint": [2]}),
                           "acc_joint")
     assert disjoint.paired == (disjoint.a, disjoint.b) and "no training seed in common" in disjoint.line()
+
+
+def test_the_report_does_not_depend_on_which_runs_this_invocation_scored(tmp_path: Path):
+    """`--only` puts the runs it scored before the cached ones; the page is the same either way, and its headline
+    table lists the teacher first, then the students from the cheapest (effective NFE)."""
+    runs = study_runs([0], QUICK)
+
+    def row(run: str, family: str, sampler: str, nfe: float, joint: float) -> dict:
+        return {"run": run, "family": family, "sampler": sampler, "seed": 0, "effective_nfe": nfe,
+                "seconds_per_video": 0.01 * nfe, "acc_joint": joint, "toy_fd": 1.0 - joint}
+
+    cached = [row("teacher", "teacher", "Euler 50 x CFG 2", 100.0, 0.99),
+              row("tmd_s0", "TMD", "TMD M=2 N=2", 2.33, 0.7), row("tmd_s0", "TMD", "TMD M=1 N=2", 1.17, 0.3),
+              row("kd_warmup_s0", KD_FAMILY, "few-step M=1", 1.0, 0.35),
+              row("dmd2_m3_s0", "DMD2-v 3 steps", "few-step M=3", 3.0, 0.76)]
+    scored = [row("dmd2_m1_s0", "DMD2-v 1 step", "few-step M=1", 1.0, 0.37)]
+    pages = []
+    for name, rows in (("only", scored + cached), ("report_only", cached + scored)):
+        out = tmp_path / name
+        out.mkdir()
+        pages.append(write_report(rows, runs, out, QUICK, True, [0], "cmd").read_text())
+        assert (out / "results.csv").read_text() == (tmp_path / "only" / "results.csv").read_text()
+    assert pages[0] == pages[1]
+    headline = pages[0].split("## Quality against cost")[1].split("![")[0]
+    models = [line.split(" | ")[0].strip("| ") for line in headline.splitlines() if line.startswith("| ")][1:]
+    assert models == ["teacher", "DMD2-v 1 step", "KD warm-up, 1 step", "TMD", "TMD", "DMD2-v 3 steps"]
 
 
 def test_quick_study_end_to_end_and_resume(tmp_path: Path, capsys, monkeypatch):

@@ -491,7 +491,10 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
                  seeds: list[int], command: str, wall_minutes: float | None = None,
                  train_minutes: dict[str, float] | None = None) -> Path:
     """REPORT.md, results.csv, quality_vs_nfe.png, samples.gif/png (when models left samples) and (when the runs left
-    toy_eval.csv files) training_curves.png in `out`; returns the report's path."""
+    toy_eval.csv files) training_curves.png in `out`; returns the report's path. Rows are taken in the study's run
+    order, so the page does not depend on which runs this invocation scored and which it read from the cache."""
+    order = {r.name: i for i, r in enumerate(runs)}
+    rows = sorted(rows, key=lambda r: order.get(r["run"], -1))  # the teacher (not a run) first
     cells = aggregate(rows)
     write_csv(rows, out / "results.csv")
     figure = plot(cells, out / "quality_vs_nfe.png")
@@ -500,6 +503,9 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
     ref_seconds = reference.mean("seconds_per_video") if reference else None
     headline = [c for c in cells.values() if c.family in (TEACHER_REF, "TMD", KD_FAMILY)
                 or c.family.startswith("DMD2-v")]
+    # the teacher's samplers first, then the students from the cheapest: the table reads as quality against cost
+    headline.sort(key=lambda c: (c.family != TEACHER_REF, 0.0 if c.family == TEACHER_REF else c.mean("effective_nfe"),
+                                 c.family if c.family != TEACHER_REF else ""))
     ablations = [c for c in cells.values() if c not in headline]
     videos = budget.eval_prompts * len(budget.eval_seeds)
     lines = [
