@@ -501,11 +501,9 @@ def write_report(rows: list[dict[str, Any]], runs: list[Run], out: Path, budget:
     teacher = [c for c in cells.values() if c.family == TEACHER_REF]
     reference = max(teacher, key=lambda c: c.mean("effective_nfe")) if teacher else None
     ref_seconds = reference.mean("seconds_per_video") if reference else None
-    headline = [c for c in cells.values() if c.family in (TEACHER_REF, "TMD", KD_FAMILY)
-                or c.family.startswith("DMD2-v")]
-    # the teacher's samplers first, then the students from the cheapest: the table reads as quality against cost
-    headline.sort(key=lambda c: (c.family != TEACHER_REF, 0.0 if c.family == TEACHER_REF else c.mean("effective_nfe"),
-                                 c.family if c.family != TEACHER_REF else ""))
+    # the teacher's samplers, then the students from the cheapest: the table reads as quality against cost
+    students = [c for c in cells.values() if c.family in ("TMD", KD_FAMILY) or c.family.startswith("DMD2-v")]
+    headline = teacher + sorted(students, key=lambda c: (c.mean("effective_nfe"), c.family))
     ablations = [c for c in cells.values() if c not in headline]
     videos = budget.eval_prompts * len(budget.eval_seeds)
     lines = [

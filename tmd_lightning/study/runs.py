@@ -306,18 +306,22 @@ def train(runs: list[Run], out: Path, jobs: int = 1, poll_seconds: float = 2.0,
     return started_runs
 
 
+def elapsed_file(out: Path, name: str) -> Path:
+    """A run's training time so far, over all its sittings (`train` rewrites it at every poll)."""
+    return run_dir(out, name) / "elapsed.json"
+
+
 def earlier_seconds(out: Path, name: str) -> float:
     """Training time of a run's earlier, interrupted sittings (0 for a run starting afresh)."""
-    path = run_dir(out, name) / "elapsed.json"
+    path = elapsed_file(out, name)
     return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
 
 
 def write_elapsed(out: Path, name: str, seconds: float) -> None:
-    """Records a running run's training time so far (atomically: a kill mid-write leaves the last record)."""
-    path = run_dir(out, name) / "elapsed.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"seconds": seconds}))
-    tmp.replace(path)
+    """Records a running run's training time so far; atomic, so a kill mid-write leaves the last record."""
+    from tmd_lightning.data.sharding import atomic_write_text
+
+    atomic_write_text(elapsed_file(out, name), json.dumps({"seconds": seconds}))
 
 
 def project_root() -> Path:
